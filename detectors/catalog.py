@@ -1,0 +1,106 @@
+"""Product catalog index (CONTRACT.md, "Reference data"): product, prefix or GTIN -> product facts.
+
+Immutable once built: a running worker swaps in a whole new `Catalog` when the reference data
+changes, so a batch never sees half an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+class ReferenceDataError(ValueError):
+    """A reference-data file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    product: str
+    name: str
+    prefixes: tuple[str, ...]
+    gtins: tuple[str, ...]
+    pack_size: int
+    code_required: bool
+
+    def units(self, quantity: float, unit: str) -> float:
+        """Quantity in the smallest dispensing unit, the ledger's currency."""
+        return quantity * self.pack_size if unit == "pack" else quantity
+
+
+def product_from_dict(obj: Any, where: str) -> Product:
+    if not isinstance(obj, dict):
+        raise ReferenceDataError(f"{where}: a catalog entry must be a JSON object")
+    product = obj.get("product")
+    if not isinstance(product, str) or not product:
+        raise ReferenceDataError(f"{where}: product must be a non-empty string")
+    pack_size = obj.get("pack_size", 1)
+    if isinstance(pack_size, bool) or not isinstance(pack_size, int) or pack_size <= 0:
+        raise ReferenceDataError(f"{where}: pack_size must be a positive integer")
+    prefixes = obj.get("prefixes") or []
+    gtins = obj.get("gtins") or []
+    if not isinstance(prefixes, list) or not all(
+        isinstance(p, str) and len(p) == 7 and p.isdigit() for p in prefixes
+    ):
+        raise ReferenceDataError(f"{where}: prefixes must be a list of 7-digit strings")
+    if not isinstance(gtins, list) or not all(
+        isinstance(g, str) and g.isdigit() and len(g) in (8, 12, 13, 14) for g in gtins
+    ):
+        raise ReferenceDataError(f"{where}: gtins must be a list of GTIN digit strings")
+    code_required = obj.get("code_required", True)
+    if not isinstance(code_required, bool):
+        raise ReferenceDataError(f"{where}: code_required must be true or false")
+    return Product(
+        product=product,
+        name=str(obj.get("name") or ""),
+        prefixes=tuple(prefixes),
+        # GS1 scans carry GTIN-14; shorter GTINs in the catalog are the same number, zero-padded.
+        gtins=tuple(g.zfill(14) for g in gtins),
+        pack_size=pack_size,
+        code_required=code_required,
+    )
+
+
+class Catalog:
+    def __init__(self, products: Iterable[Product] = ()) -> None:
+        self.by_product: dict[str, Product] = {}
+        self.by_prefix: dict[str, Product] = {}
+        self.by_gtin: dict[str, Product] = {}
+        for p in products:
+            self.by_product[p.product] = p
+            for prefix in p.prefixes:
+                self.by_prefix[prefix] = p
+            for gtin in p.gtins:
+                self.by_gtin[gtin] = p
+
+    def __len__(self) -> int:
+        return len(self.by_product)
+
+    def get(self, product: str) -> Product | None:
+        return self.by_product.get(product)
+
+    def products(self) -> Iterator[Product]:
+        return iter(self.by_product.values())
+
+
+def iter_jsonl(lines: Iterable[bytes | str], source: str) -> Iterator[tuple[str, Any]]:
+    """Yields (`file:line` location, decoded object) for each non-blank line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source} line {number}"
+        try:
+            yield where, orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ReferenceDataError(f"{where}: not valid JSON ({exc})") from None
+
+
+def load_catalog(path: str) -> Catalog:
+    try:
+        with open(path, "rb") as fh:
+            return Catalog(product_from_dict(obj, where) for where, obj in iter_jsonl(fh, path))
+    except OSError as exc:
+        raise ReferenceDataError(f"{path}: cannot read catalog ({exc.strerror})") from None

@@ -1,0 +1,141 @@
+"""Normalise and classify a scanned code: the key every other detector uses.
+
+A box may be scanned many ways - with a symbology identifier, with or without GS separators, in
+human-readable `(01)...(21)...` form, with full-width digits from a Chinese input method, with
+surrounding spaces or case flipped by caps lock. All spellings of one box map to one key:
+
+- Chinese 20-digit code (NMPAB/T 1002-2019): the 20 digits. No check digit is public, so none is
+  checked; offline validity is format + known prefix + prefix of the billed product.
+- GS1 element string: `01` + GTIN-14 + `21` + serial (serial upper-cased: case flips are a scanner
+  fault, and GS1 serials differing only by case do not occur in practice). GTIN + serial is what
+  identifies one pack in GS1; batch and expiry are kept as facts, not as key.
+
+GS1 parsing and the GTIN check digit come from `biip`; this module only cleans the text around it.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import date
+from enum import Enum
+
+from biip.gs1_messages import GS1Message
+from biip.gtin import Gtin
+
+
+class CodeKind(str, Enum):
+    CN20 = "cn20"
+    GS1 = "gs1"
+    COMMODITY_BARCODE = "ean13"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedCode:
+    raw: str
+    kind: CodeKind
+    key: str | None = None  # normalised code; None unless kind is CN20 or GS1
+    prefix: str | None = None  # 7-digit identification code of a CN20 code
+    gtin: str | None = None  # GTIN-14 of a GS1 code (or the EAN-13 scanned by mistake)
+    expiry: date | None = None
+    batch: str | None = None
+    serial: str | None = None
+    error: str | None = None  # why an INVALID scan is invalid
+
+    @property
+    def well_formed(self) -> bool:
+        return self.key is not None
+
+
+_SYMBOLOGY_ID = re.compile(r"^\][A-Za-z][0-9A-Za-z]")
+_GS_SPELLINGS = re.compile(r"<GS>|\{GS\}|\^\]|\\x1[dD]", re.IGNORECASE)
+_WHITESPACE = re.compile(r"[^\S\x1d]+")  # \s matches GS (0x1D) too: keep it
+# A French (AZERTY) keyboard layout turns the digit row into these when a scanner emulates a
+# US keyboard: a known scan fault. Only applied when the whole text is made of them and digits.
+_AZERTY_DIGITS = str.maketrans("&é\"'(-è_çà", "1234567890")
+_AZERTY_CHARS = frozenset("&é\"'(-è_çà0123456789")
+_GS = "\x1d"
+
+
+def _clean(raw: str) -> str:
+    # NFKC folds full-width digits/letters/parentheses (IME input) to ASCII.
+    text = unicodedata.normalize("NFKC", raw) if not raw.isascii() else raw
+    text = _GS_SPELLINGS.sub(_GS, text)
+    text = _WHITESPACE.sub("", text)  # also removes spaces printed between digit groups
+    text = _SYMBOLOGY_ID.sub("", text)
+    if text and not text.isdigit() and set(text) <= _AZERTY_CHARS:
+        text = text.translate(_AZERTY_DIGITS)
+    return text.strip(_GS)
+
+
+def _ean13_ok(digits: str) -> bool:
+    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits[:12]))
+    return (10 - total % 10) % 10 == int(digits[12])
+
+
+def classify(raw: str | bytes) -> ScannedCode:
+    """Never raises: anything unusable comes back as CodeKind.INVALID with the reason."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if not isinstance(raw, str):  # defensive: callers pass validated strings
+        return ScannedCode(str(raw), CodeKind.INVALID, error="not a string")
+    # Fast path: a clean 20-digit scan, the overwhelming majority.
+    if len(raw) == 20 and raw.isascii() and raw.isdigit():
+        return ScannedCode(raw, CodeKind.CN20, key=raw, prefix=raw[:7])
+    text = _clean(raw)
+    if not text:
+        return ScannedCode(raw, CodeKind.INVALID, error="empty scan")
+    if text.isascii() and text.isdigit():
+        if len(text) == 20:
+            return ScannedCode(raw, CodeKind.CN20, key=text, prefix=text[:7])
+        if len(text) == 13 and _ean13_ok(text):
+            return ScannedCode(raw, CodeKind.COMMODITY_BARCODE, gtin=text.zfill(14))
+    if text.startswith("(") or text.startswith("01") or text.startswith("21"):
+        gs1 = _classify_gs1(raw, text)
+        if gs1 is not None:
+            return gs1
+    digits = text.isascii() and text.isdigit()
+    return ScannedCode(
+        raw,
+        CodeKind.INVALID,
+        error=f"{len(text)} digits, expected 20" if digits else "neither a 20-digit nor a GS1 code",
+    )
+
+
+def _classify_gs1(raw: str, text: str) -> ScannedCode | None:
+    """None when the text is not GS1 at all (so the caller reports the generic reason)."""
+    try:
+        if text.startswith("("):
+            message = GS1Message.parse_hri(text.replace(_GS, ""))
+        else:
+            message = GS1Message.parse(text)
+    except Exception as exc:  # biip raises ParseError and, on odd input, ValueError
+        if text.startswith("(") or (len(text) >= 16 and text[:2] in ("01", "21")):
+            return ScannedCode(raw, CodeKind.INVALID, error=f"bad GS1 string: {exc}")
+        return None
+    fields = {es.ai.ai: es for es in message.element_strings}
+    gtin_es = fields.get("01")
+    if gtin_es is None:
+        return ScannedCode(raw, CodeKind.INVALID, error="GS1 string without GTIN (01)")
+    if gtin_es.gtin_error:
+        return ScannedCode(raw, CodeKind.INVALID, gtin=gtin_es.value, error=gtin_es.gtin_error)
+    serial_es = fields.get("21")
+    if serial_es is None or not serial_es.value:
+        return ScannedCode(
+            raw, CodeKind.INVALID, gtin=gtin_es.value, error="GS1 string without serial (21)"
+        )
+    gtin = Gtin.parse(gtin_es.value).as_gtin_14()
+    serial = serial_es.value.upper()
+    expiry_es = fields.get("17")
+    batch_es = fields.get("10")
+    return ScannedCode(
+        raw,
+        CodeKind.GS1,
+        key=f"01{gtin}21{serial}",
+        gtin=gtin,
+        expiry=expiry_es.date if expiry_es is not None else None,
+        batch=batch_es.value if batch_es is not None else None,
+        serial=serial,
+    )

@@ -1,0 +1,193 @@
+"""The Faust app: consumer group, agents, timer and web view around the batch processors.
+
+    events --ingest--> by-ledger --ledger--> verdict-parts --verdict--> verdicts
+       |                (+ heads to verdict-parts)   |
+       +--> alerts, dead-letters                     +--> alerts
+
+Faust owns what it does well - group membership, partition assignment, agents, timers, the web
+server. Per-key state is not in Faust Tables (one changelog message per write caps a worker at
+~5,000 updates/s, see PERFORMANCE.md); it is in Redis, a batch at a time (`streams.processors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from prometheus_client import generate_latest
+
+from detectors.ledger import LedgerStage
+from detectors.pipeline import LEDGER_PART
+from detectors.verdicts import VerdictStage
+from streams import metrics
+from streams.output import OutputProducer
+from streams.processors import IngestProcessor, Message, StageProcessor
+from streams.redis_state import SeenFilter, StageStore
+from streams.reference import CatalogCache
+from streams.settings import Settings
+from topics import names
+
+log = logging.getLogger("tracewatch.worker")
+
+_fetch_max_wait_ms = 20
+_original_create_worker_consumer = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _create_worker_consumer(self: Any, transport: Any) -> Any:
+    # Faust hard-codes fetch_max_wait_ms=1500. The embedded broker holds an empty fetch for the
+    # full wait even when data arrives, which left workers idle half the time; real Kafka
+    # answers as soon as data is there, so a short wait costs it only a few more empty fetches.
+    consumer = _original_create_worker_consumer(self, transport)
+    consumer._fetch_max_wait_ms = _fetch_max_wait_ms
+    return consumer
+
+
+faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+
+
+def _messages(events: Any) -> list[Message]:
+    return [
+        Message(e.message.partition, e.message.offset, e.message.timestamp, e.value) for e in events
+    ]
+
+
+async def _with_retry(
+    stage: str, fn: Callable[[list[Message]], Awaitable[None]], batch: list[Message]
+) -> None:
+    """Retry a failed batch until it succeeds: raising would end the agent, and Faust acks a
+    take() batch when its loop body ends - an unprocessed batch must never get that far."""
+    delay = 0.2
+    while True:
+        try:
+            with metrics.BATCH_SECONDS.labels(stage).time():
+                await fn(batch)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.BATCH_RETRIES.labels(stage).inc()
+            log.error("%s batch of %d failed, retrying in %.1fs: %r", stage, len(batch), delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def build_app(settings: Settings) -> faust.App:
+    global _fetch_max_wait_ms
+    _fetch_max_wait_ms = settings.fetch_max_wait_ms
+    bootstrap = settings.require_kafka()
+    app = faust.App(
+        names.APP_ID,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        # The embedded broker has no topic admin API: every topic is created beforehand
+        # (`tracewatch topics` or the broker host), on real Kafka too, from `topics.names`.
+        topic_allow_declare=False,
+        topic_disable_leader=False,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.web_port,
+        web_host="0.0.0.0",
+        producer_linger_ms=5,
+        producer_compression_type="lz4",
+        stream_buffer_maxsize=65536,
+        broker_max_poll_records=settings.batch_size * 2,
+        consumer_max_fetch_size=8 * 1024 * 1024,
+        value_serializer="raw",
+        key_serializer="raw",
+        # No Faust tables are used; a private datadir keeps two workers on one host apart.
+        datadir=tempfile.mkdtemp(prefix="tracewatch-faust-"),
+    )
+    redis_client = aioredis.Redis.from_url(settings.redis_url)
+    producer = OutputProducer(bootstrap)
+    catalog = CatalogCache(redis_client, settings.redis_prefix)
+    ingest = IngestProcessor(
+        producer,
+        SeenFilter(redis_client, settings.redis_prefix, settings.seen_ttl_days),
+        catalog.current,
+    )
+
+    def store(tag: str) -> StageStore:
+        return StageStore(
+            redis_client,
+            settings.redis_prefix,
+            tag,
+            settings.state_buckets,
+            settings.applied_ttl_days,
+        )
+
+    ledger = StageProcessor(LedgerStage(), store(LEDGER_PART), producer, part_prefix=LEDGER_PART)
+    verdicts = StageProcessor(VerdictStage(), store("V"), producer)
+    stage_topics = {names.BY_LEDGER.name: ledger, names.VERDICT_PARTS.name: verdicts}
+
+    def topic(spec: names.TopicSpec) -> Any:
+        return app.topic(spec.name, partitions=spec.partitions, value_serializer="raw")
+
+    @app.agent(topic(names.EVENTS), name="ingest")
+    async def ingest_agent(stream: Any) -> None:
+        await catalog.ready.wait()
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
+            await _with_retry("ingest", ingest.process, _messages(events))
+
+    @app.agent(topic(names.BY_LEDGER), name="ledger")
+    async def ledger_agent(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
+            await _with_retry("ledger", ledger.process, _messages(events))
+
+    @app.agent(topic(names.VERDICT_PARTS), name="verdict")
+    async def verdict_agent(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
+            await _with_retry("verdict", verdicts.process, _messages(events))
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        for topic_name, processor in stage_topics.items():
+            mine = {tp.partition for tp in assigned if tp.topic == topic_name}
+            held = set(processor.store.generations)
+            processor.store.release(held - mine)
+            await processor.store.acquire(sorted(mine - held))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        for topic_name, processor in stage_topics.items():
+            processor.store.release(tp.partition for tp in revoked if tp.topic == topic_name)
+
+    @app.task
+    async def load_reference_data() -> None:
+        if settings.catalog_path:
+            await catalog.publish_file(settings.catalog_path)
+        await catalog.refresh()
+
+    @app.timer(interval=5.0)
+    async def refresh_reference_data() -> None:
+        try:
+            await catalog.refresh()
+        except Exception as exc:  # Redis briefly away: keep the catalog we have
+            log.warning("catalog refresh failed: %r", exc)
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web: Any, request: Any) -> Any:
+        # aiohttp refuses a charset inside content_type; the exposition format is ASCII anyway.
+        return web.bytes(generate_latest(), content_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # optional speed-up
+        pass
+    app = build_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    # Faust's spinner sets the root logger to DEBUG when the level is WARNING: every debug line
+    # is then formatted (about 10% of CPU).
+    worker.spinner = None
+    worker.execute_from_commandline()

@@ -1,0 +1,252 @@
+"""`tracewatch`: the one entry point (CONTRACT.md, "Command line").
+
+Exit codes: 0 success; 2 bad usage or a bad input file, with a message naming the file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import orjson
+
+from detectors.catalog import ReferenceDataError, iter_jsonl, load_catalog
+from streams.settings import Settings
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """Bad usage or input file: reported on stderr, exit code 2."""
+
+
+def _open_lines(path: str) -> Iterator[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            yield from fh
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from detectors.pipeline import Pipeline
+    from topics.records import InvalidEvent, parse_event
+
+    catalog = load_catalog(args.catalog)
+    if args.institutions:
+        for _ in iter_jsonl(_open_lines(args.institutions), args.institutions):
+            pass  # validated only: no rule reads institutions yet
+    pipeline = Pipeline(catalog)
+    out: IO[bytes] = open(args.out, "wb") if args.out else sys.stdout.buffer
+    verdicts_out: IO[bytes] | None = open(args.verdicts, "wb") if args.verdicts else None
+    dead = 0
+    try:
+        for number, line in enumerate(_open_lines(args.events), 1):
+            if not line.strip():
+                continue
+            try:
+                event = parse_event(line)
+            except InvalidEvent as exc:
+                dead += 1
+                print(f"{args.events} line {number}: dead letter ({exc})", file=sys.stderr)
+                continue
+            alerts, verdicts = pipeline.process(event)
+            for alert in alerts:
+                out.write(alert.to_json() + b"\n")
+            if verdicts_out is not None:
+                for verdict in verdicts:
+                    verdicts_out.write(orjson.dumps(verdict) + b"\n")
+    finally:
+        if args.out:
+            out.close()
+        if verdicts_out is not None:
+            verdicts_out.close()
+    if dead:
+        print(
+            f"{dead} invalid events (the worker sends these to the dead-letter topic)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+
+    run_worker(Settings())
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams.output import OutputProducer
+    from topics import names
+
+    bootstrap = Settings().require_kafka()
+    messages: list[tuple[bytes, bytes | None]] = []
+    for number, line in enumerate(_open_lines(args.events), 1):
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        key: bytes | None = None
+        try:
+            obj = orjson.loads(line)
+            if isinstance(obj, dict) and isinstance(obj.get("institution"), str):
+                key = obj["institution"].encode()
+            elif not args.allow_invalid:
+                raise BadInput(
+                    f"{args.events} line {number}: not an event object with an institution"
+                )
+        except orjson.JSONDecodeError as exc:
+            if not args.allow_invalid:
+                raise BadInput(f"{args.events} line {number}: not valid JSON ({exc})") from None
+        messages.append((line, key))
+    producer = OutputProducer(bootstrap)
+    # Keyed by institution: one institution's events stay in order in one partition.
+    for value, key in messages:
+        producer.produce(names.EVENTS.name, value, key)
+    producer.flush_sync(60)
+    print(f"produced {len(messages)} events to {names.EVENTS.name}", file=sys.stderr)
+    return 0
+
+
+def follow_topic(
+    bootstrap: str, topic: str, from_beginning: bool, timeout: float | None, limit: int | None
+) -> Iterator[bytes]:
+    """Values of a topic as they come, without joining a consumer group's offsets for good."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"tracewatch-cli-{time.time_ns()}",
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    consumer.subscribe([topic])
+    deadline = None if timeout is None else time.monotonic() + timeout
+    count = 0
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None and msg.value() is not None:
+                    yield msg.value()
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+    finally:
+        consumer.close()
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from topics import names
+
+    bootstrap = Settings().require_kafka()
+    topic = names.VERDICTS.name if args.verdicts else names.ALERTS.name
+    try:
+        for value in follow_topic(bootstrap, topic, args.from_beginning, args.timeout, args.max):
+            sys.stdout.buffer.write(value + b"\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from streams.services import create_topics
+
+    created = create_topics(Settings().require_kafka())
+    print(f"topics ready ({len(created)} created)", file=sys.stderr)
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from streams.output import OutputProducer
+    from streams.reference import CatalogCache
+
+    settings = Settings()
+    catalog = load_catalog(args.file)
+
+    async def publish() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        producer = OutputProducer(settings.kafka_bootstrap) if settings.kafka_bootstrap else None
+        try:
+            await CatalogCache(client, settings.redis_prefix).publish(catalog, producer)
+        finally:
+            await client.aclose()
+
+    asyncio.run(publish())
+    print(f"catalog published: {len(catalog)} products", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(events=args.events, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracewatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("replay", help="run the detectors over a JSONL file, in one process")
+    p.add_argument("events")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--institutions")
+    p.add_argument("--out", help="alerts file (default stdout)")
+    p.add_argument("--verdicts", help="write settlement verdicts to this file")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("worker", help="run the stream processor (KAFKA_BOOTSTRAP, REDIS_URL)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="send a JSONL file of events to the input topic")
+    p.add_argument("events")
+    p.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="send lines that are not event objects too (they go to the dead-letter topic)",
+    )
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("alerts", help="follow the alerts topic and print alerts")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--max", type=int, help="stop after this many")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--verdicts", action="store_true", help="follow the verdicts topic instead")
+    p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("topics", help="create the pipeline's topics on KAFKA_BOOTSTRAP")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("catalog", help="publish a catalog JSONL to the workers (Redis and topic)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("demo", help="embedded broker + Redis + worker + demo stream (make run)")
+    p.add_argument("--events", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: Any = args.func(args)
+        return int(result or 0)
+    except (BadInput, ReferenceDataError) as exc:
+        print(f"tracewatch: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

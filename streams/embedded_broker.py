@@ -1,0 +1,176 @@
+"""An embedded Kafka-protocol broker: librdkafka's built-in cluster, hosted by a small process.
+
+The confluent-kafka wheel ships librdkafka, whose C API can start an in-memory cluster that speaks
+the Kafka protocol on a loopback TCP port (its API calls it a "mock cluster"). Any client -
+aiokafka under Faust, confluent-kafka - uses it like a broker. It is the default when no
+`KAFKA_BOOTSTRAP` is given and no Docker engine exists, for `make run` and for the tests.
+
+Known limits (see README): memory only, gone with its host process; no topic admin API, so this
+host creates every topic of `topics.names` itself; each partition keeps at most 5 MiB / 100,000
+message sets and silently drops the oldest beyond that; an empty fetch is held for the consumer's
+full max-wait, so consumers must use a short `fetch.wait.max.ms`.
+
+Run as `python -m streams.embedded_broker`: prints `BOOTSTRAP host:port` once the topics exist,
+then serves until SIGTERM/SIGINT or until stdin closes (so it never outlives its parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+
+import confluent_kafka
+
+from topics.names import ALL_TOPICS, TopicSpec
+
+
+def _librdkafka() -> ctypes.CDLL:
+    libdir = os.path.join(
+        os.path.dirname(confluent_kafka.__file__), os.pardir, "confluent_kafka.libs"
+    )
+    candidates = sorted(glob.glob(os.path.join(libdir, "librdkafka-*.so*")))
+    if not candidates:
+        raise RuntimeError(
+            f"librdkafka not found in {os.path.normpath(libdir)}: reinstall confluent-kafka from "
+            "its manylinux wheel (pip install --force-reinstall confluent-kafka), or set "
+            "KAFKA_BOOTSTRAP to a real Kafka cluster"
+        )
+    lib = ctypes.CDLL(candidates[0])
+    lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+    lib.rd_kafka_conf_set.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.rd_kafka_new.restype = ctypes.c_void_p
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
+    lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+    lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
+    lib.rd_kafka_mock_topic_create.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.rd_kafka_mock_set_controller_id.restype = ctypes.c_int
+    lib.rd_kafka_mock_set_controller_id.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+class MockCluster:
+    """The cluster itself, inside this process (use `EmbeddedBroker` from other processes)."""
+
+    def __init__(self, topics: Iterable[TopicSpec] = ALL_TOPICS, brokers: int = 1) -> None:
+        self._lib = _librdkafka()
+        errstr = ctypes.create_string_buffer(512)
+        conf = self._lib.rd_kafka_conf_new()
+        # The hosting client has no brokers of its own to talk to: silence its warning.
+        self._lib.rd_kafka_conf_set(conf, b"log_level", b"3", errstr, len(errstr))
+        self._rk = self._lib.rd_kafka_new(0, conf, errstr, len(errstr))  # 0 = producer
+        if not self._rk:
+            raise RuntimeError(f"librdkafka: {errstr.value.decode()}")
+        self._mc = self._lib.rd_kafka_mock_cluster_new(self._rk, brokers)
+        if not self._mc:
+            raise RuntimeError("librdkafka could not start its built-in cluster")
+        # Without a controller id, admin requests (e.g. DescribeCluster) time out.
+        self._lib.rd_kafka_mock_set_controller_id(self._mc, 1)
+        self.bootstrap: str = self._lib.rd_kafka_mock_cluster_bootstraps(self._mc).decode()
+        for spec in topics:
+            self.create_topic(spec.name, spec.partitions)
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        err = self._lib.rd_kafka_mock_topic_create(self._mc, name.encode(), partitions, 1)
+        if err:
+            raise RuntimeError(f"creating topic {name} on the embedded broker: error {err}")
+
+    def close(self) -> None:
+        if self._mc:
+            self._lib.rd_kafka_mock_cluster_destroy(self._mc)
+            self._mc = None
+        if self._rk:
+            self._lib.rd_kafka_destroy(self._rk)
+            self._rk = None
+
+
+class EmbeddedBroker:
+    """Starts the cluster in a child process, so that workers can be killed around it."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self.bootstrap = ""
+
+    def start(self) -> EmbeddedBroker:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.embedded_broker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()
+        if not line.startswith("BOOTSTRAP "):
+            self.stop()
+            raise RuntimeError(f"embedded broker did not start (said {line!r})")
+        self.bootstrap = line.split(" ", 1)[1]
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.stdin:
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    cluster = MockCluster()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # returns when the parent closes our stdin or dies
+        stop.set()
+
+    if not sys.stdin.isatty():
+        threading.Thread(target=watch_stdin, daemon=True).start()
+    print(f"BOOTSTRAP {cluster.bootstrap}", flush=True)
+    stop.wait()
+    cluster.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

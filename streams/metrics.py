@@ -1,0 +1,50 @@
+"""Prometheus metrics of the worker. Base units, `_total` counters, histograms for latency, and
+no per-code or per-institution labels (their cardinality would sink Prometheus)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+EVENTS_IN = Counter("tracewatch_events_total", "Input events accepted, by type", ["type"])
+RESUBMISSIONS = Counter(
+    "tracewatch_resubmissions_total", "Exact resubmissions dropped by (institution, event_id)"
+)
+DEAD_LETTERS = Counter(
+    "tracewatch_dead_letters_total", "Input messages sent to the dead-letter topic", ["reason"]
+)
+ALERTS = Counter("tracewatch_alerts_total", "Alerts produced", ["rule"])
+VERDICTS = Counter("tracewatch_verdicts_total", "Settlement verdicts produced", ["verdict"])
+RECORDS = Counter(
+    "tracewatch_stage_records_total",
+    "Records applied by a stage (redeliveries excluded)",
+    ["stage"],
+)
+REDELIVERED = Counter(
+    "tracewatch_stage_records_skipped_total",
+    "Records skipped because already applied (redelivery after crash or rebalance)",
+    ["stage"],
+)
+PARTITIONS_LOST = Counter(
+    "tracewatch_partition_lost_total", "Batches dropped because another worker owns the partition"
+)
+BATCH_RETRIES = Counter(
+    "tracewatch_batch_retries_total", "Batches retried after a Redis or Kafka error", ["stage"]
+)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_SECONDS = Histogram(
+    "tracewatch_batch_duration_seconds",
+    "Time to process one batch, outputs flushed and state saved",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+PROCESSING_LATENCY = Histogram(
+    "tracewatch_processing_latency_seconds",
+    "From the input message's Kafka timestamp to the end of its batch at a stage",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+EVENT_LAG = Histogram(
+    "tracewatch_event_lag_seconds",
+    "Processing time minus event time (occurred_at): how late institutions upload",
+    buckets=(1, 10, 60, 300, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400),
+)

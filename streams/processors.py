@@ -1,0 +1,228 @@
+"""Batch processors behind the Faust agents: ingest and the stateful stages.
+
+Order of one batch - the proof that nothing is lost or counted twice:
+
+1. load: for each stage partition in the batch, the states of the batch's keys and which of its
+   record ids are already applied (one Redis round trip per partition, all sent at once);
+2. apply the pure detectors to the records not yet applied, in offset order;
+3. produce every output (alerts, verdicts, dead letters, packed records for the next stage) and
+   flush, verifying each delivery;
+4. save the new states and the applied ids in one atomic, generation-fenced Lua script;
+5. only then return, so that Faust acknowledges the batch and commits its offsets.
+
+A crash before 4 replays the batch against the old state: same outputs, same alert ids (sinks
+dedupe). A crash between 4 and 5 replays it against the new state: every record is already
+applied, nothing changes, nothing is emitted. Ingest marks `(institution, event_id)` seen only
+after 3, so a crash never drops an event; the stages' applied ids absorb its second routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from detectors.catalog import Catalog
+from detectors.pipeline import expected_parts, partition_of
+from detectors.routing import route
+from detectors.stage import Record, Stage, StageOutput, apply_records
+from detectors.verdicts import head_record, part_record
+from streams import metrics
+from streams.output import OutputProducer
+from streams.redis_state import PartitionLost, SeenFilter, StageStore
+from topics import names
+from topics.records import Alert, Event, InvalidEvent, parse_event
+
+log = logging.getLogger("tracewatch.processors")
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    """The part of a Kafka message a processor needs (Faust-independent, so tests can feed it)."""
+
+    partition: int
+    offset: int
+    timestamp: float  # seconds
+    value: bytes
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+
+
+class Emitter:
+    """Collects a batch's outputs, packs stage records per destination partition, produces."""
+
+    def __init__(self, producer: OutputProducer) -> None:
+        self._producer = producer
+        self._packed: dict[tuple[str, int], list[Record]] = defaultdict(list)
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        detected = _iso_now()
+        for alert in alerts:
+            alert.detected_at = detected
+            self._producer.produce(names.ALERTS.name, alert.to_json(), alert.alert_id)
+            metrics.ALERTS.labels(alert.rule).inc()
+
+    def verdicts(self, verdicts: list[dict[str, Any]]) -> None:
+        for v in verdicts:
+            key = f"{v['institution']}|{v['settlement_id']}"
+            self._producer.produce(names.VERDICTS.name, orjson.dumps(v), key)
+            metrics.VERDICTS.labels(v["verdict"]).inc()
+
+    def record(self, topic: names.TopicSpec, key: str, record: Record) -> None:
+        self._packed[(topic.name, partition_of(key, topic.partitions))].append(record)
+
+    def dead_letter(self, msg: Message, source: str, reason: str, detail: str) -> None:
+        letter: dict[str, Any] = {
+            "reason": reason,
+            "detail": detail,
+            "topic": source,
+            "partition": msg.partition,
+            "offset": msg.offset,
+        }
+        try:
+            letter["raw"] = msg.value.decode("utf-8")
+        except UnicodeDecodeError:
+            letter["raw_base64"] = base64.b64encode(msg.value).decode()
+        self._producer.produce(
+            names.DEAD_LETTERS.name, orjson.dumps(letter), f"{source}/{msg.partition}/{msg.offset}"
+        )
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
+    async def flush(self) -> None:
+        for (topic, partition), records in self._packed.items():
+            self._producer.produce(topic, orjson.dumps(records), partition=partition)
+        self._packed.clear()
+        await self._producer.flush()
+
+
+class IngestProcessor:
+    def __init__(
+        self, producer: OutputProducer, seen: SeenFilter, catalog: Callable[[], Catalog]
+    ) -> None:
+        self._producer = producer
+        self._seen = seen
+        self._catalog = catalog
+
+    async def process(self, messages: list[Message]) -> None:
+        out = Emitter(self._producer)
+        by_partition: dict[int, list[Event]] = defaultdict(list)
+        now = time.time()
+        for msg in messages:
+            try:
+                event = parse_event(msg.value)
+            except InvalidEvent as exc:
+                out.dead_letter(msg, names.EVENTS.name, exc.reason, exc.detail)
+                continue
+            by_partition[msg.partition].append(event)
+        partitions = list(by_partition)
+        flags = await asyncio.gather(
+            *(self._seen.seen(p, [e.key for e in by_partition[p]]) for p in partitions)
+        )
+        catalog = self._catalog()
+        fresh: dict[int, list[str]] = {}
+        for p, seen_flags in zip(partitions, flags, strict=True):
+            batch_keys: set[str] = set()
+            for event, seen in zip(by_partition[p], seen_flags, strict=True):
+                if seen or event.key in batch_keys:
+                    metrics.RESUBMISSIONS.inc()
+                    continue
+                batch_keys.add(event.key)
+                metrics.EVENTS_IN.labels(event.type).inc()
+                metrics.EVENT_LAG.observe(max(0.0, now - event.occurred_ts))
+                self._route(event, catalog, out)
+            fresh[p] = list(batch_keys)
+        await out.flush()
+        await asyncio.gather(*(self._seen.mark(p, keys) for p, keys in fresh.items()))
+        _observe_latency("ingest", messages)
+
+    @staticmethod
+    def _route(event: Event, catalog: Catalog, out: Emitter) -> None:
+        routed = route(event, catalog)
+        out.alerts(routed.alerts)
+        for record in routed.ledger:
+            out.record(names.BY_LEDGER, record["k"], record)
+        if routed.head is not None:
+            vkey = f"{event.institution}|{event.event_id}"
+            expect = expected_parts(routed, lambda k: partition_of(k, names.BY_LEDGER.partitions))
+            out.record(names.VERDICT_PARTS, vkey, head_record(vkey, routed.head, expect))
+
+
+class StageProcessor:
+    """Runs one stage (ledger, verdict) over packed records, partition by partition."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        store: StageStore,
+        producer: OutputProducer,
+        part_prefix: str | None = None,
+    ) -> None:
+        self.stage = stage
+        self.store = store
+        self._producer = producer
+        self._part_prefix = part_prefix  # stages that feed verdicts name their parts by this
+
+    async def process(self, messages: list[Message]) -> None:
+        by_partition: dict[int, list[Record]] = defaultdict(list)
+        for msg in messages:
+            by_partition[msg.partition].extend(orjson.loads(msg.value))
+        owned = [p for p in by_partition if p in self.store.generations]
+        for p in by_partition.keys() - set(owned):
+            log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
+            metrics.PARTITIONS_LOST.inc()
+        loaded = await asyncio.gather(
+            *(
+                self.store.load(
+                    p,
+                    list(dict.fromkeys(r["k"] for r in by_partition[p])),
+                    [r["id"] for r in by_partition[p]],
+                )
+                for p in owned
+            )
+        )
+        out = Emitter(self._producer)
+        saves: list[tuple[int, dict[str, Any], list[str]]] = []
+        for p, (state, applied) in zip(owned, loaded, strict=True):
+            records = by_partition[p]
+            result = StageOutput()
+            new_ids = apply_records(self.stage, records, state, applied, result)
+            metrics.RECORDS.labels(self.stage.name).inc(len(new_ids))
+            metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
+            if not new_ids:
+                continue
+            new = set(new_ids)
+            touched = {r["k"] for r in records if r["id"] in new}
+            out.alerts(result.alerts)
+            out.verdicts(result.verdicts)
+            if self._part_prefix is not None:
+                part_id = f"{self._part_prefix}{p}"
+                for vkey, lines in result.parts.items():
+                    out.record(names.VERDICT_PARTS, vkey, part_record(vkey, part_id, lines))
+            saves.append((p, {k: state.get(k, {}) for k in touched}, new_ids))
+        await out.flush()
+        results = await asyncio.gather(
+            *(self.store.save(p, s, ids) for p, s, ids in saves), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, PartitionLost):
+                log.warning("%s", result)
+                metrics.PARTITIONS_LOST.inc()
+            elif isinstance(result, BaseException):
+                raise result
+        _observe_latency(self.stage.name, messages)
+
+
+def _observe_latency(stage: str, messages: list[Message]) -> None:
+    now = time.time()
+    hist = metrics.PROCESSING_LATENCY.labels(stage)
+    for msg in messages:
+        hist.observe(max(0.0, now - msg.timestamp))

@@ -1,0 +1,83 @@
+"""Reference data at run time: the catalog, published to its compacted topic and cached in Redis.
+
+The compacted topic is the record; Redis is the cache every worker reads. Publishing bumps a
+version counter; workers poll it (one GET every few seconds) and swap in a new `Catalog` when it
+changes, so a catalog update needs no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import redis.asyncio as aioredis
+
+from detectors.catalog import Catalog, Product, load_catalog, product_from_dict
+from streams.output import OutputProducer
+from topics import names
+
+log = logging.getLogger("tracewatch.reference")
+
+
+def _product_json(p: Product) -> bytes:
+    return orjson.dumps(
+        {
+            "product": p.product,
+            "name": p.name,
+            "prefixes": list(p.prefixes),
+            "gtins": list(p.gtins),
+            "pack_size": p.pack_size,
+            "code_required": p.code_required,
+        }
+    )
+
+
+class CatalogCache:
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._client = client
+        self._hash = f"{prefix}:catalog"
+        self._version_key = f"{prefix}:catalog:version"
+        self._version: bytes | None = None
+        self.catalog = Catalog()
+        self.ready = asyncio.Event()  # set by the first refresh: ingest waits for it
+
+    def current(self) -> Catalog:
+        return self.catalog
+
+    async def publish(self, catalog: Catalog, producer: OutputProducer | None = None) -> None:
+        """Write the catalog to Redis (replacing it) and, given a producer, to its topic."""
+        entries = {p.product: _product_json(p) for p in catalog.products()}
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self._hash)
+        if entries:
+            pipe.hset(self._hash, mapping=entries)  # type: ignore[arg-type]
+        pipe.incr(self._version_key)
+        await pipe.execute()
+        if producer is not None:
+            for product, value in entries.items():
+                producer.produce(names.CATALOG.name, value, product)
+            await producer.flush()
+
+    async def publish_file(self, path: str, producer: OutputProducer | None = None) -> Catalog:
+        catalog = load_catalog(path)
+        await self.publish(catalog, producer)
+        return catalog
+
+    async def refresh(self) -> bool:
+        """Reload if the published version changed; True when a new catalog was swapped in."""
+        version = await self._client.get(self._version_key)
+        if self.ready.is_set() and version == self._version:
+            return False
+        raw = await self._client.hgetall(self._hash)
+        products = []
+        for product, value in raw.items():
+            try:
+                products.append(product_from_dict(orjson.loads(value), f"redis {self._hash}"))
+            except (ValueError, orjson.JSONDecodeError) as exc:
+                log.error("catalog entry %r unusable, skipped: %s", product, exc)
+        self.catalog = Catalog(products)
+        self._version = version
+        self.ready.set()
+        log.info("catalog version %s: %d products", version, len(self.catalog))
+        return True

@@ -1,0 +1,166 @@
+"""Finding or starting the services the pipeline needs: a Kafka-protocol broker and Redis.
+
+Order of preference, the same for `make run` and the tests:
+Kafka - `KAFKA_BOOTSTRAP` if set; else a Docker engine -> a testcontainers Kafka; else the
+embedded broker (librdkafka's built-in cluster). Redis - `REDIS_URL` if set; else a Docker engine
+-> a testcontainers Redis; else a `redis-server` binary on a free loopback port (Debian package
+`redis-server`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from topics.names import ALL_TOPICS
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_topics(bootstrap: str, timeout: float = 30.0) -> list[str]:
+    """Create every topic of `topics.names` through the admin API (real Kafka); existing ones
+    are left as they are. Returns the names created."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(
+            spec.name,
+            num_partitions=spec.partitions,
+            replication_factor=-1,  # the broker's default
+            config={"cleanup.policy": spec.cleanup_policy},
+        )
+        for spec in ALL_TOPICS
+        if spec.name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            future.result()
+            created.append(name)
+        except Exception as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise RuntimeError(f"creating topic {name}: {exc}") from exc
+    return created
+
+
+class RedisServer:
+    """A throwaway `redis-server` on a free loopback port, in a temporary directory."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.url = ""
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "no Redis: set REDIS_URL, or install the server (Debian: apt-get install "
+                "redis-server), or run a Docker engine"
+            )
+        self._dir = tempfile.TemporaryDirectory(prefix="tracewatch-redis-")
+        port = free_port()
+        self._proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                self.url = f"redis://127.0.0.1:{port}/0"
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    kafka_bootstrap: str
+    redis_url: str
+    kafka_embedded: bool
+    redis_owned: bool  # started by us: ours to wipe
+
+
+@contextlib.contextmanager
+def services() -> Iterator[Services]:
+    """Yields reachable Kafka and Redis, started here if needed, stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
+        embedded = False
+        if bootstrap:
+            create_topics(bootstrap)
+        elif docker_available():
+            from testcontainers.kafka import KafkaContainer
+
+            kafka = stack.enter_context(KafkaContainer())
+            bootstrap = kafka.get_bootstrap_server()
+            create_topics(bootstrap)
+        else:
+            from streams.embedded_broker import EmbeddedBroker
+
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            embedded = True
+        redis_url = os.environ.get("REDIS_URL")
+        owned = False
+        if not redis_url:
+            owned = True
+            if docker_available():
+                from testcontainers.redis import RedisContainer
+
+                container = stack.enter_context(RedisContainer())
+                host = container.get_container_host_ip()
+                redis_url = f"redis://{host}:{container.get_exposed_port(6379)}/0"
+            else:
+                server = RedisServer().start()
+                stack.callback(server.stop)
+                redis_url = server.url
+        yield Services(bootstrap, redis_url, embedded, owned)

@@ -1,0 +1,76 @@
+"""All configuration in one place: each setting, its environment variable, default and advice.
+
+| variable | default | meaning |
+|---|---|---|
+| `KAFKA_BOOTSTRAP` | (none) | Kafka bootstrap servers. Unset: `make run` and tests start the embedded broker. |
+| `REDIS_URL` | `redis://127.0.0.1:6379/0` | Redis holding per-key state, seen ids, catalog cache. |
+| `TRACEWATCH_REDIS_PREFIX` | `tw` | Prefix of every Redis key: lets several deployments or test runs share one Redis. |
+| `TRACEWATCH_BATCH_SIZE` | `1000` | Events per agent batch. Larger = fewer Redis/Kafka round trips, more latency. |
+| `TRACEWATCH_BATCH_WITHIN` | `0.05` | Seconds a batch waits to fill. The latency floor per stage. |
+| `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Consumer fetch wait. The embedded broker holds an empty fetch this long even when data arrives; Faust's 1500 ms default halves throughput there. |
+| `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
+| `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long an `(institution, event_id)` is remembered to drop client resubmissions. |
+| `TRACEWATCH_APPLIED_TTL_DAYS` | `2` | How long stages remember applied record ids (redelivery after a crash or rebalance). |
+| `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
+| `TRACEWATCH_CATALOG` | (none) | Catalog JSONL loaded into Redis at worker start (else the cached catalog is used). |
+| `TRACEWATCH_LOG_LEVEL` | `WARNING` | Worker log level. |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: must be an integer") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: must be a number") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka_bootstrap: str | None = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP"))
+    redis_url: str = field(
+        default_factory=lambda: os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    redis_prefix: str = field(
+        default_factory=lambda: os.environ.get("TRACEWATCH_REDIS_PREFIX", "tw")
+    )
+    batch_size: int = field(default_factory=lambda: _env_int("TRACEWATCH_BATCH_SIZE", 1000))
+    batch_within: float = field(default_factory=lambda: _env_float("TRACEWATCH_BATCH_WITHIN", 0.05))
+    fetch_max_wait_ms: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_FETCH_MAX_WAIT_MS", 20)
+    )
+    web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
+    seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
+    applied_ttl_days: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_APPLIED_TTL_DAYS", 2)
+    )
+    state_buckets: int = field(default_factory=lambda: _env_int("TRACEWATCH_STATE_BUCKETS", 1024))
+    catalog_path: str | None = field(default_factory=lambda: os.environ.get("TRACEWATCH_CATALOG"))
+    log_level: str = field(
+        default_factory=lambda: os.environ.get("TRACEWATCH_LOG_LEVEL", "WARNING")
+    )
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise SystemExit(
+                "KAFKA_BOOTSTRAP is not set: point it at a Kafka cluster (host:port), "
+                "or use `make run`, which starts an embedded broker"
+            )
+        return self.kafka_bootstrap
