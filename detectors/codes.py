@@ -19,13 +19,13 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import date
-from enum import Enum
+from enum import StrEnum
 
 from biip.gs1_messages import GS1Message
 from biip.gtin import Gtin
 
 
-class CodeKind(str, Enum):
+class CodeKind(StrEnum):
     CN20 = "cn20"
     GS1 = "gs1"
     COMMODITY_BARCODE = "ean13"

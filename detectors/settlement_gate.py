@@ -91,26 +91,25 @@ def check_settlement(event: Event, catalog: Catalog) -> tuple[list[CheckedLine],
                     settlement_id=event.settlement_id,
                 )
             )
-        if cl.scans and not line.split and line.unit == "pack":
-            if len(cl.codes) != line.quantity:
-                cl.rules.add("CODE_COUNT_MISMATCH")
-                alerts.append(
-                    make_alert(
-                        "CODE_COUNT_MISMATCH",
-                        institution=event.institution,
-                        event_ids=[event.event_id],
-                        occurred_at=event.occurred_at,
-                        evidence={
-                            "line_no": line.line_no,
-                            "packs": line.quantity,
-                            "distinct_codes": len(cl.codes),
-                            "scans": len(cl.scans),
-                        },
-                        id_facts=(event.event_id, line.line_no),
-                        product=line.product,
-                        settlement_id=event.settlement_id,
-                    )
+        if cl.scans and not line.split and line.unit == "pack" and len(cl.codes) != line.quantity:
+            cl.rules.add("CODE_COUNT_MISMATCH")
+            alerts.append(
+                make_alert(
+                    "CODE_COUNT_MISMATCH",
+                    institution=event.institution,
+                    event_ids=[event.event_id],
+                    occurred_at=event.occurred_at,
+                    evidence={
+                        "line_no": line.line_no,
+                        "packs": line.quantity,
+                        "distinct_codes": len(cl.codes),
+                        "scans": len(cl.scans),
+                    },
+                    id_facts=(event.event_id, line.line_no),
+                    product=line.product,
+                    settlement_id=event.settlement_id,
                 )
+            )
     return checked, alerts
 
 

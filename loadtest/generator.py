@@ -101,15 +101,15 @@ class Generator:
                 yield orjson.dumps(event)
                 emitted += 1
         while emitted < count:
-            inst = rng.choice(self.institutions)["institution"]
+            inst_id: str = rng.choice(self.institutions)["institution"]
             product = rng.choice(self.catalog)
-            shelf = stock[inst].setdefault(product["product"], [])
+            shelf = stock[inst_id].setdefault(product["product"], [])
             if len(shelf) < 2:
                 boxes = [self._code(product) for _ in range(rng.randint(4, 12))]
                 shelf.extend(boxes)
-                event = self._lines_event("purchase", inst, product, boxes, len(boxes))
+                event = self._lines_event("purchase", inst_id, product, boxes, len(boxes))
             else:
-                event = self._settlement(inst, product, shelf, rates)
+                event = self._settlement(inst_id, product, shelf, rates)
             line = orjson.dumps(event)
             yield line
             emitted += 1

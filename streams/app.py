@@ -144,7 +144,7 @@ def build_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
             await _with_retry("verdict", verdicts.process, _messages(events))
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
         for topic_name, processor in stage_topics.items():
             mine = {tp.partition for tp in assigned if tp.topic == topic_name}
@@ -152,7 +152,7 @@ def build_app(settings: Settings) -> faust.App:
             processor.store.release(held - mine)
             await processor.store.acquire(sorted(mine - held))
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         for topic_name, processor in stage_topics.items():
             processor.store.release(tp.partition for tp in revoked if tp.topic == topic_name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -41,10 +42,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for _ in iter_jsonl(_open_lines(args.institutions), args.institutions):
             pass  # validated only: no rule reads institutions yet
     pipeline = Pipeline(catalog)
-    out: IO[bytes] = open(args.out, "wb") if args.out else sys.stdout.buffer
-    verdicts_out: IO[bytes] | None = open(args.verdicts, "wb") if args.verdicts else None
     dead = 0
-    try:
+    with contextlib.ExitStack() as files:
+        out: IO[bytes] = (
+            files.enter_context(open(args.out, "wb")) if args.out else sys.stdout.buffer
+        )
+        verdicts_out: IO[bytes] | None = (
+            files.enter_context(open(args.verdicts, "wb")) if args.verdicts else None
+        )
         for number, line in enumerate(_open_lines(args.events), 1):
             if not line.strip():
                 continue
@@ -60,11 +65,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             if verdicts_out is not None:
                 for verdict in verdicts:
                     verdicts_out.write(orjson.dumps(verdict) + b"\n")
-    finally:
-        if args.out:
-            out.close()
-        if verdicts_out is not None:
-            verdicts_out.close()
     if dead:
         print(
             f"{dead} invalid events (the worker sends these to the dead-letter topic)",
@@ -133,8 +133,9 @@ def follow_topic(
     try:
         while deadline is None or time.monotonic() < deadline:
             for msg in consumer.consume(500, 0.2):
-                if msg.error() is None and msg.value() is not None:
-                    yield msg.value()
+                value = msg.value()
+                if msg.error() is None and value is not None:
+                    yield value
                     count += 1
                     if limit is not None and count >= limit:
                         return

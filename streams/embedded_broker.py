@@ -11,7 +11,8 @@ message sets and silently drops the oldest beyond that; an empty fetch is held f
 full max-wait, so consumers must use a short `fetch.wait.max.ms`.
 
 Run as `python -m streams.embedded_broker`: prints `BOOTSTRAP host:port` once the topics exist,
-then serves until SIGTERM/SIGINT or until stdin closes (so it never outlives its parent).
+then serves until SIGTERM/SIGINT or until stdin closes (so it never outlives its parent). A line
+`TOPICS <prefix>` on stdin creates the pipeline's topics under another prefix (answer: `OK`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from types import TracebackType
 
 import confluent_kafka
 
-from topics.names import ALL_TOPICS, TopicSpec
+from topics.names import ALL_TOPICS, TopicSpec, all_topics
 
 
 def _librdkafka() -> ctypes.CDLL:
@@ -129,6 +130,15 @@ class EmbeddedBroker:
         self.bootstrap = line.split(" ", 1)[1]
         return self
 
+    def create_topics(self, prefix: str) -> None:
+        """Create the pipeline's topics under `prefix` (the broker has no admin API for it)."""
+        assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        self._proc.stdin.write(f"TOPICS {prefix}\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline().strip()
+        if answer != "OK":
+            raise RuntimeError(f"embedded broker could not create topics for {prefix}: {answer}")
+
     def stop(self) -> None:
         if self._proc is not None:
             if self._proc.stdin:
@@ -161,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     def watch_stdin() -> None:
-        sys.stdin.read()  # returns when the parent closes our stdin or dies
+        for line in sys.stdin:  # ends when the parent closes our stdin or dies
+            words = line.split()
+            if len(words) == 2 and words[0] == "TOPICS":
+                try:
+                    for spec in all_topics(words[1]):
+                        cluster.create_topic(spec.name, spec.partitions)
+                    print("OK", flush=True)
+                except RuntimeError as exc:
+                    print(f"ERROR {exc}", flush=True)
         stop.set()
 
     if not sys.stdin.isatty():

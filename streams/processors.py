@@ -212,12 +212,12 @@ class StageProcessor:
         results = await asyncio.gather(
             *(self.store.save(p, s, ids) for p, s, ids in saves), return_exceptions=True
         )
-        for result in results:
-            if isinstance(result, PartitionLost):
-                log.warning("%s", result)
+        for outcome in results:
+            if isinstance(outcome, PartitionLost):
+                log.warning("%s", outcome)
                 metrics.PARTITIONS_LOST.inc()
-            elif isinstance(result, BaseException):
-                raise result
+            elif isinstance(outcome, BaseException):
+                raise outcome
         _observe_latency(self.stage.name, messages)
 
 

@@ -38,7 +38,7 @@ class CatalogCache:
         self._client = client
         self._hash = f"{prefix}:catalog"
         self._version_key = f"{prefix}:catalog:version"
-        self._version: bytes | None = None
+        self._version: bytes | str | None = None
         self.catalog = Catalog()
         self.ready = asyncio.Event()  # set by the first refresh: ingest waits for it
 

@@ -18,8 +18,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from topics.names import ALL_TOPICS
+from topics.names import PREFIX, all_topics
 
 
 def docker_available() -> bool:
@@ -37,11 +38,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def create_topics(bootstrap: str, timeout: float = 30.0) -> list[str]:
+def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -> list[str]:
     """Create every topic of `topics.names` through the admin API (real Kafka); existing ones
     are left as they are. Returns the names created."""
     from confluent_kafka import KafkaError
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
@@ -52,7 +53,7 @@ def create_topics(bootstrap: str, timeout: float = 30.0) -> list[str]:
             replication_factor=-1,  # the broker's default
             config={"cleanup.policy": spec.cleanup_policy},
         )
-        for spec in ALL_TOPICS
+        for spec in all_topics(prefix)
         if spec.name not in existing
     ]
     if not wanted:
@@ -128,6 +129,14 @@ class Services:
     redis_url: str
     kafka_embedded: bool
     redis_owned: bool  # started by us: ours to wipe
+    broker: Any = None  # the EmbeddedBroker, when that is what runs
+
+    def create_topics(self, prefix: str) -> None:
+        """An isolated copy of the pipeline's topics under `prefix`."""
+        if self.broker is not None:
+            self.broker.create_topics(prefix)
+        else:
+            create_topics(self.kafka_bootstrap, prefix)
 
 
 @contextlib.contextmanager
@@ -135,7 +144,7 @@ def services() -> Iterator[Services]:
     """Yields reachable Kafka and Redis, started here if needed, stopped on exit."""
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-        embedded = False
+        broker = None
         if bootstrap:
             create_topics(bootstrap)
         elif docker_available():
@@ -147,8 +156,8 @@ def services() -> Iterator[Services]:
         else:
             from streams.embedded_broker import EmbeddedBroker
 
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
-            embedded = True
+            broker = stack.enter_context(EmbeddedBroker())
+            bootstrap = broker.bootstrap
         redis_url = os.environ.get("REDIS_URL")
         owned = False
         if not redis_url:
@@ -163,4 +172,4 @@ def services() -> Iterator[Services]:
                 server = RedisServer().start()
                 stack.callback(server.stop)
                 redis_url = server.url
-        yield Services(bootstrap, redis_url, embedded, owned)
+        yield Services(bootstrap, redis_url, broker is not None, owned, broker)

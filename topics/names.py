@@ -81,3 +81,17 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     INSTITUTIONS,
     ASSIGNOR_LEADER,
 )
+
+
+def all_topics(prefix: str) -> tuple[TopicSpec, ...]:
+    """The same topology under another prefix (one isolated pipeline per test, say); the app id
+    follows the prefix as it does by default, unless TRACEWATCH_APP_ID overrides it."""
+    app_id = os.environ.get("TRACEWATCH_APP_ID", f"{prefix}-worker")
+    renamed = []
+    for spec in ALL_TOPICS:
+        if spec is ASSIGNOR_LEADER:
+            name = f"{app_id}-__assignor-__leader"
+        else:
+            name = prefix + spec.name[len(PREFIX) :]
+        renamed.append(TopicSpec(name, spec.partitions, spec.key, spec.cleanup_policy, spec.doc))
+    return tuple(renamed)
