@@ -1,0 +1,65 @@
+"""Input validation: every way a message can be wrong has a reason and a detail that says what
+to fix."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from topics.records import DEAD_LETTER_REASONS, InvalidEvent, parse_event
+
+GOOD = {
+    "event_id": "e1",
+    "type": "settlement",
+    "institution": "H1",
+    "occurred_at": "2026-03-02T09:00:00+08:00",
+    "settlement_id": "S1",
+    "lines": [{"line_no": 1, "product": "XA001", "quantity": 1, "codes": ["81000010000000000001"]}],
+}
+
+
+def test_good_event_parses() -> None:
+    event = parse_event(orjson.dumps({**GOOD, "extra": {"kept": "ignored"}}))
+    assert event.key == "H1|e1"
+    assert event.lines[0].unit == "pack" and event.lines[0].split is False
+    assert event.occurred_ts == 1772413200.0
+
+
+def _with(**changes: object) -> bytes:
+    obj = {**GOOD, **changes}
+    return orjson.dumps({k: v for k, v in obj.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail_part"),
+    [
+        (b"{oops", "not_json", "JSON"),
+        (b"\xff\xfe", "not_json", "JSON"),
+        (b"[1,2]", "not_object", "object"),
+        (_with(event_id=...), "missing_field", "event_id"),
+        (_with(type="refund"), "unknown_type", "refund"),
+        (_with(occurred_at="yesterday"), "bad_timestamp", "ISO-8601"),
+        (_with(occurred_at="2026-03-02T09:00:00"), "bad_timestamp", "offset"),
+        (_with(lines=[]), "bad_lines", "non-empty"),
+        (_with(lines=[{"line_no": 1, "product": "X", "quantity": 1}] * 2), "bad_lines", "unique"),
+        (_with(lines=[{"line_no": 1, "product": "X", "quantity": -1}]), "bad_field", "positive"),
+        (_with(lines=[{"line_no": 1, "product": "X", "quantity": "2"}]), "bad_field", "number"),
+        (
+            _with(lines=[{"line_no": 1, "product": "X", "quantity": 1, "unit": "box"}]),
+            "bad_field",
+            "unit",
+        ),
+        (
+            _with(lines=[{"line_no": 1, "product": "X", "quantity": 1, "codes": "81"}]),
+            "bad_field",
+            "codes",
+        ),
+        (_with(settlement_id=...), "missing_field", "settlement_id"),
+    ],
+)
+def test_invalid_events(raw: bytes, reason: str, detail_part: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(raw)
+    assert info.value.reason == reason
+    assert reason in DEAD_LETTER_REASONS
+    assert detail_part in info.value.detail
