@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from streams.cli import follow_topic
 from streams.services import free_port, services
 from topics import names
 
@@ -66,6 +66,7 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
         if not svc.redis_owned:
             # A Redis we did not start may hold other data: keep ours apart.
             env["TRACEWATCH_REDIS_PREFIX"] = f"twdemo{time.time_ns()}"
+        by_rule: collections.Counter[str] = collections.Counter()
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env)
         try:
             _wait_for_worker(web_port, worker)
@@ -75,15 +76,11 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 env=env,
                 check=True,
             )
-            by_rule: collections.Counter[str] = collections.Counter()
-            last = time.monotonic()
             print("alerts as they come:")
             for value in _alerts_until_quiet(svc.kafka_bootstrap):
                 alert = orjson.loads(value)
                 by_rule[alert["rule"]] += 1
                 print(_format(alert), flush=True)
-                last = time.monotonic()
-            del last
             print("\nsummary")
             print(f"  events produced: {events} (from {data['events']})")
             for rule, count in sorted(by_rule.items()):
@@ -106,7 +103,9 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
     return 0 if by_rule else 1
 
 
-def _alerts_until_quiet(bootstrap: str, quiet: float = 8.0, limit: float = 300.0):  # type: ignore[no-untyped-def]
+def _alerts_until_quiet(
+    bootstrap: str, quiet: float = 8.0, limit: float = 300.0
+) -> Iterator[bytes]:
     """Alerts from the beginning, until none arrived for `quiet` seconds."""
     from confluent_kafka import Consumer
 
@@ -124,11 +123,9 @@ def _alerts_until_quiet(bootstrap: str, quiet: float = 8.0, limit: float = 300.0
     try:
         while time.monotonic() - last < quiet and time.monotonic() - start < limit:
             for msg in consumer.consume(500, 0.2):
-                if msg.error() is None and msg.value() is not None:
+                value = msg.value()
+                if msg.error() is None and value is not None:
                     last = time.monotonic()
-                    yield msg.value()
+                    yield value
     finally:
         consumer.close()
-
-
-__all__ = ["follow_topic", "run_demo"]
