@@ -113,9 +113,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def follow_topic(
-    bootstrap: str, topic: str, from_beginning: bool, timeout: float | None, limit: int | None
+    bootstrap: str,
+    topic: str,
+    from_beginning: bool,
+    timeout: float | None = None,
+    limit: int | None = None,
+    quiet: float | None = None,
 ) -> Iterator[bytes]:
-    """Values of a topic as they come, without joining a consumer group's offsets for good."""
+    """Values of a topic as they come, under a throwaway consumer group that commits nothing.
+    Stops after `timeout` seconds, `limit` values, or `quiet` seconds without a new value."""
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -128,13 +134,16 @@ def follow_topic(
         }
     )
     consumer.subscribe([topic])
-    deadline = None if timeout is None else time.monotonic() + timeout
+    start = last = time.monotonic()
     count = 0
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while (timeout is None or time.monotonic() - start < timeout) and (
+            quiet is None or time.monotonic() - last < quiet
+        ):
             for msg in consumer.consume(500, 0.2):
                 value = msg.value()
                 if msg.error() is None and value is not None:
+                    last = time.monotonic()
                     yield value
                     count += 1
                     if limit is not None and count >= limit:

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
+from streams.cli import follow_topic
 from streams.services import free_port, services
 from topics import names
 
@@ -77,7 +77,9 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 check=True,
             )
             print("alerts as they come:")
-            for value in _alerts_until_quiet(svc.kafka_bootstrap):
+            for value in follow_topic(
+                svc.kafka_bootstrap, names.ALERTS.name, True, timeout=300, quiet=8.0
+            ):
                 alert = orjson.loads(value)
                 by_rule[alert["rule"]] += 1
                 print(_format(alert), flush=True)
@@ -101,31 +103,3 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 worker.wait()
         print("stopped")
     return 0 if by_rule else 1
-
-
-def _alerts_until_quiet(
-    bootstrap: str, quiet: float = 8.0, limit: float = 300.0
-) -> Iterator[bytes]:
-    """Alerts from the beginning, until none arrived for `quiet` seconds."""
-    from confluent_kafka import Consumer
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"tracewatch-demo-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 50,
-        }
-    )
-    consumer.subscribe([names.ALERTS.name])
-    start = last = time.monotonic()
-    try:
-        while time.monotonic() - last < quiet and time.monotonic() - start < limit:
-            for msg in consumer.consume(500, 0.2):
-                value = msg.value()
-                if msg.error() is None and value is not None:
-                    last = time.monotonic()
-                    yield value
-    finally:
-        consumer.close()

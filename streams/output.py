@@ -63,14 +63,12 @@ class OutputProducer:
         remaining = await asyncio.get_running_loop().run_in_executor(
             None, self._producer.flush, timeout
         )
-        errors, self._errors = self._errors, []
-        if remaining or errors:
-            raise OutputError(
-                f"{remaining} messages undelivered after {timeout}s; errors: {errors[:5]}"
-            )
+        self._verify(remaining, timeout)
 
     def flush_sync(self, timeout: float = 30.0) -> None:
-        remaining = self._producer.flush(timeout)
+        self._verify(self._producer.flush(timeout), timeout)
+
+    def _verify(self, remaining: int, timeout: float) -> None:
         errors, self._errors = self._errors, []
         if remaining or errors:
             raise OutputError(
