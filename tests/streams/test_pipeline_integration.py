@@ -101,6 +101,24 @@ class Pipe:
     def topic(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
 
+    def outputs(
+        self, alerts: int, verdicts: int, timeout: float
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Alerts and verdicts read back until as many distinct ones as expected arrived."""
+        got = read_topic(
+            self.svc.kafka_bootstrap,
+            self.topic("alerts"),
+            lambda v: len({a["alert_id"] for a in v}) >= alerts,
+            timeout=timeout,
+        )
+        got_verdicts = read_topic(
+            self.svc.kafka_bootstrap,
+            self.topic("verdicts"),
+            lambda v: len({x["event_id"] for x in v}) >= verdicts,
+            timeout=60,
+        )
+        return got, got_verdicts
+
 
 def _distinct(alerts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
@@ -122,18 +140,7 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
     worker = pipe.worker()
     try:
         pipe.produce(pipe.data["events"])
-        got = read_topic(
-            svc.kafka_bootstrap,
-            pipe.topic("alerts"),
-            lambda v: len({a["alert_id"] for a in v}) >= len(expected),
-            timeout=120,
-        )
-        got_verdicts = read_topic(
-            svc.kafka_bootstrap,
-            pipe.topic("verdicts"),
-            lambda v: len(v) >= len(verdicts),
-            timeout=60,
-        )
+        got, got_verdicts = pipe.outputs(len(expected), len(verdicts), timeout=120)
         letters = read_topic(
             svc.kafka_bootstrap, pipe.topic("dead-letters"), lambda v: len(v) >= dead, timeout=30
         )
@@ -168,18 +175,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     pipe.produce(str(second))
     worker = pipe.worker()
     try:
-        got = read_topic(
-            svc.kafka_bootstrap,
-            pipe.topic("alerts"),
-            lambda v: len({a["alert_id"] for a in v}) >= len(expected),
-            timeout=180,
-        )
-        got_verdicts = read_topic(
-            svc.kafka_bootstrap,
-            pipe.topic("verdicts"),
-            lambda v: len({x["event_id"] for x in v}) >= len(verdicts),
-            timeout=60,
-        )
+        got, got_verdicts = pipe.outputs(len(expected), len(verdicts), timeout=180)
     finally:
         worker.stop()
     # Repeats of one alert carry one id; the distinct alerts are exactly replay's, so no NO_CODE
