@@ -12,10 +12,10 @@ line whole or not at all).
 from __future__ import annotations
 
 from detectors.alerts import make_alert
-from detectors.stage import Record, StageOutput, State
+from detectors.stage import BaseStage, Record, StageOutput, State
 
 
-class LedgerStage:
+class LedgerStage(BaseStage):
     name = "ledger"
 
     def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:

@@ -1,24 +1,33 @@
 """The whole topology in one process, in file order: what `tracewatch replay` and tests run.
 
 The same functions run in the workers: `route` at ingest, then each stage through
-`apply_records`; only where state lives and how records travel differ. Here every stage has one
-"partition", so a settlement expects at most one part per stage.
+`apply_records` and `fire_due`; only where state lives and how records travel differ. Here every
+stage has one "partition", so a settlement expects at most one part per stage.
+
+Event time: the watermark is the latest event time seen, but never more than `MAX_CLOCK_SKEW`
+ahead of the processing clock, so one device with a wrong clock cannot fire every parked check.
+A worker computes it the same way per ingest batch and sends it to every stage partition.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 from detectors.catalog import Catalog
+from detectors.code_state import DEFAULT_GRACE_SECONDS, CodeStage
 from detectors.ledger import LedgerStage
-from detectors.routing import Routed, route
-from detectors.stage import Record, Stage, StageOutput, State, apply_records
+from detectors.routing import IngestView, Routed, route
+from detectors.stage import Record, Stage, StageOutput, State, apply_records, due_of, fire_due
 from detectors.verdicts import VerdictStage, head_record, part_record
 from topics.records import Alert, Event
 
 LEDGER_PART = "L"
+CODE_PART = "C"
+MAX_CLOCK_SKEW = 3600.0
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -26,46 +35,94 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def expected_parts(routed: Routed, ledger_partition: Callable[[str], int]) -> list[str]:
-    """The parts a settlement's verdict waits for: one per ledger partition holding its lines."""
-    return sorted({f"{LEDGER_PART}{ledger_partition(r['k'])}" for r in routed.ledger if "vk" in r})
+def event_watermark(occurred_ts: float, now: float) -> float:
+    """How far one event may move the watermark."""
+    return min(occurred_ts, now + MAX_CLOCK_SKEW)
+
+
+def expected_parts(
+    routed: Routed,
+    ledger_partition: Callable[[str], int],
+    code_partition: Callable[[str], int],
+) -> list[str]:
+    """The parts a settlement's verdict waits for: one per stage partition holding its lines."""
+    parts = {f"{LEDGER_PART}{ledger_partition(r['k'])}" for r in routed.ledger if "vk" in r}
+    parts |= {f"{CODE_PART}{code_partition(r['k'])}" for r in routed.codes if "vk" in r}
+    return sorted(parts)
 
 
 class MemoryStage:
-    """A stage with its state and applied ids in dicts: replay's store."""
+    """A stage with its state, applied ids and parked checks in memory: replay's store."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.state: dict[str, State] = {}
         self.applied: set[str] = set()
+        self.watermark = float("-inf")
+        self._due: list[tuple[float, str]] = []  # heap; stale entries are skipped when popped
 
-    def apply(self, records: list[Record], out: StageOutput) -> None:
+    def apply(
+        self, records: list[Record], out: StageOutput, watermark: float | None = None
+    ) -> None:
         apply_records(self.stage, records, self.state, self.applied, out)
-        for key in [k for k, v in self.state.items() if not v]:
-            del self.state[key]
+        for record in records:
+            due = due_of(self.state.get(record["k"]))
+            if due is not None:
+                heapq.heappush(self._due, (due, record["k"]))
+        if watermark is not None and watermark > self.watermark:
+            self.watermark = watermark
+        ready: list[str] = []
+        while self._due and self._due[0][0] <= self.watermark:
+            due, key = heapq.heappop(self._due)
+            if due_of(self.state.get(key)) == due:
+                ready.append(key)
+        for key in fire_due(self.stage, ready, self.state, self.watermark, out):
+            due = due_of(self.state.get(key))
+            if due is not None:
+                heapq.heappush(self._due, (due, key))
+        for key in {r["k"] for r in records}.union(ready):
+            if not self.state.get(key, True):
+                del self.state[key]
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.catalog = catalog
         self.seen: set[str] = set()
+        self.view = IngestView()
         self.ledger = MemoryStage(LedgerStage())
+        self.codes = MemoryStage(CodeStage(grace_seconds))
         self.verdicts = MemoryStage(VerdictStage())
+        self.watermark = float("-inf")
+        self._clock = clock
 
     def process(self, event: Event) -> tuple[list[Alert], list[dict[str, Any]]]:
         """Alerts and verdicts caused by one event; nothing for an exact resubmission."""
         if event.key in self.seen:
             return [], []
         self.seen.add(event.key)
-        routed = route(event, self.catalog)
+        routed = route(event, self.catalog, self.view)
+        self.watermark = max(self.watermark, event_watermark(event.occurred_ts, self._clock()))
+        alerts = list(routed.alerts)
+        records: list[Record] = []
+        for stage, stage_records, part in (
+            (self.ledger, routed.ledger, LEDGER_PART),
+            (self.codes, routed.codes, CODE_PART),
+        ):
+            out = StageOutput()
+            stage.apply(stage_records, out, self.watermark)
+            alerts.extend(out.alerts)
+            records += [part_record(key, f"{part}0", lines) for key, lines in out.parts.items()]
         out = StageOutput()
-        out.alerts.extend(routed.alerts)
-        self.ledger.apply(routed.ledger, out)
         if routed.head is not None:
             vkey = f"{event.institution}|{event.event_id}"
-            records = [head_record(vkey, routed.head, expected_parts(routed, lambda _k: 0))]
-            records += [
-                part_record(key, f"{LEDGER_PART}0", lines) for key, lines in out.parts.items()
-            ]
+            expect = expected_parts(routed, lambda _k: 0, lambda _k: 0)
+            records.insert(0, head_record(vkey, routed.head, expect))
+        if records:
             self.verdicts.apply(records, out)
-        return out.alerts, out.verdicts
+        return alerts, out.verdicts

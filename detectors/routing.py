@@ -2,8 +2,14 @@
 
 Kafka Streams would call this the re-key step. Ledger records are keyed by `institution|product`
 (the 进销存 ledger and registered uncoded stock), code records by normalised code (the per-code
-lifecycle). Records are plain dicts with short keys: they travel packed, many to a Kafka message.
-Each carries an `id` unique per (event, line[, code]) that stages use to apply it exactly once.
+lifecycle, `detectors.code_state`). Records are plain dicts with short keys: they travel packed,
+many to a Kafka message. Each carries an `id` unique per (event, line[, code]) that stages use to
+apply it exactly once.
+
+Two kinds of event name earlier events instead of carrying lines: a `void` (by event id) and a
+`settlement_cancel` (by settlement id). Ingest resolves them through `IngestView`, its memory of
+what each event of an institution routed where, and sends the undo to the same keys. The input
+topic is keyed by institution, so the view is local to an input partition.
 """
 
 from __future__ import annotations
@@ -11,15 +17,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from detectors import code_state
+from detectors.alerts import make_alert
 from detectors.catalog import Catalog
+from detectors.codes import classify
 from detectors.settlement_gate import (
     CheckedLine,
     check_settlement,
     classify_line,
+    code_owner,
     verdict_head,
     verdict_key,
 )
 from topics.records import Alert, Event
+
+# line event type -> what it does to each code it lists
+_CODE_KIND = {
+    "purchase": code_state.RECEIVE,
+    "purchase_return": code_state.LEAVE,
+    "sale": code_state.DISPENSE,
+    "settlement": code_state.DISPENSE,
+    "sale_return": code_state.RETURN,
+}
+_STOCK_CHANGE_KIND = {
+    "transfer_in": code_state.RECEIVE,
+    "transfer_out": code_state.LEAVE,
+    "loss": code_state.LEAVE,
+    "damage": code_state.LEAVE,
+    "expired": code_state.LEAVE,
+}
+CODE_TARGET = "c"
+LEDGER_TARGET = "l"
 
 
 @dataclass(slots=True)
@@ -30,12 +58,81 @@ class Routed:
     head: dict[str, Any] | None = None  # verdict head, for settlements
 
 
+def event_index_key(institution: str, event_id: str) -> str:
+    return f"e|{institution}|{event_id}"
+
+
+def settlement_index_key(institution: str, settlement_id: str) -> str:
+    return f"s|{institution}|{settlement_id}"
+
+
+def dispense_key(event: Event) -> str:
+    """A sale and its settlement are one dispense: both are keyed by the settlement id."""
+    if event.settlement_id is not None:
+        return f"s:{event.settlement_id}"
+    return f"e:{event.event_id}"
+
+
+class IngestView:
+    """What ingest remembers of an input partition's institutions.
+
+    - `index`: per event (`e|inst|event_id`) and per settlement (`s|inst|settlement_id`), the
+      targets its records went to - `["c", code, kind, dispense key]` or
+      `["l", ledger key, type, units, settlement_id]` - so a void or a cancellation can undo them;
+    - `receivers`: institutions that record codes on what they receive (from their first coded
+      purchase or transfer in); only their dispenses are checked for NO_PROVENANCE.
+    Replay keeps one view for the whole run; a worker loads the entries a batch needs from Redis
+    and writes back what the batch added (`added`, `new_receivers`) once its outputs are flushed.
+    """
+
+    def __init__(
+        self,
+        index: dict[str, list[Any]] | None = None,
+        receivers: set[str] | None = None,
+    ) -> None:
+        self.index: dict[str, list[Any]] = index if index is not None else {}
+        self.receivers: set[str] = receivers if receivers is not None else set()
+        self.added: dict[str, list[Any]] = {}
+        self.new_receivers: set[str] = set()
+
+    @staticmethod
+    def lookups(event: Event) -> list[str]:
+        """The index entries routing this event will read."""
+        if event.type == "void" and event.voided_event_id is not None:
+            return [event_index_key(event.institution, event.voided_event_id)]
+        if event.settlement_id is not None:  # a cancel; or a dispense: is it the first of two?
+            return [settlement_index_key(event.institution, event.settlement_id)]
+        return []
+
+    def remember(self, key: str, targets: list[Any]) -> None:
+        self.index[key] = targets
+        self.added[key] = targets
+
+    def mark_receiver(self, institution: str) -> None:
+        if institution not in self.receivers:
+            self.receivers.add(institution)
+            self.new_receivers.add(institution)
+
+
 def ledger_key(institution: str, product: str) -> str:
     return f"{institution}|{product}"
 
 
-def route(event: Event, catalog: Catalog) -> Routed:
+def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
     out = Routed()
+    if event.type == "void":
+        voided = event_index_key(event.institution, event.voided_event_id or "")
+        _route_undo(event, view.index.get(voided), code_state.VOID, out)
+        if voided in view.index:
+            view.remember(voided, [])  # a second void of it has nothing left to retract
+        return out
+    if event.type == "settlement_cancel":
+        targets = view.index.get(settlement_index_key(event.institution, event.settlement_id or ""))
+        if targets is None:
+            out.alerts.append(_cancel_without_settlement(event))
+        else:
+            _route_undo(event, targets, code_state.CANCEL, out)
+        return out
     if event.type == "settlement":
         checked, out.alerts = check_settlement(event, catalog)
         out.head = verdict_head(event, checked)
@@ -46,9 +143,129 @@ def route(event: Event, catalog: Catalog) -> Routed:
     vkey = verdict_key(event.institution, event.event_id) if event.type == "settlement" else None
     for cl in checked:
         out.ledger.append(_line_record(event, cl, vkey))
+    kind = _CODE_KIND.get(event.type)
+    if kind is not None:
+        for cl in checked:
+            _code_records(event, cl, kind, vkey, catalog, view, out)
     if event.product is not None:
         out.ledger.append(_product_record(event, catalog))
+        if event.codes and event.reason in _STOCK_CHANGE_KIND:
+            _stock_change_codes(event, _STOCK_CHANGE_KIND[event.reason], view, out)
+    targets = [
+        *([CODE_TARGET, r["k"], r["t"], r.get("dk")] for r in out.codes),
+        *([LEDGER_TARGET, r["k"], r["t"], r["u"], r.get("sid")] for r in out.ledger),
+    ]
+    view.remember(event_index_key(event.institution, event.event_id), targets)
+    if event.settlement_id is not None and event.type in ("sale", "settlement"):
+        skey = settlement_index_key(event.institution, event.settlement_id)
+        if skey not in view.index:  # the first of a sale and its settlement stands for both
+            view.remember(skey, targets)
     return out
+
+
+def _code_records(
+    event: Event,
+    cl: CheckedLine,
+    kind: str,
+    vkey: str | None,
+    catalog: Catalog,
+    view: IngestView,
+    out: Routed,
+) -> None:
+    if not cl.codes:
+        return
+    if kind == code_state.RECEIVE:
+        view.mark_receiver(event.institution)
+    line = cl.line
+    share = 0.0
+    if kind == code_state.DISPENSE and line.split:
+        units = cl.product.units(line.quantity, line.unit) if cl.product else line.quantity
+        share = units / len(cl.codes)
+    for scan in cl.codes:
+        assert scan.key is not None
+        record: dict[str, Any] = {
+            "k": scan.key,
+            "id": f"{event.key}|{line.line_no}|{scan.key}",
+            "t": kind,
+            "inst": event.institution,
+            "ev": event.event_id,
+            "at": event.occurred_at,
+            "ts": event.occurred_ts,
+            "ln": line.line_no,
+            "p": line.product,
+            "raw": scan.raw,
+        }
+        if kind == code_state.DISPENSE:
+            owner = code_owner(scan, catalog) or cl.product
+            record["dk"] = dispense_key(event)
+            record["sp"] = line.split
+            record["u"] = share
+            record["ps"] = owner.pack_size if owner else None
+            record["rc"] = event.institution in view.receivers
+            if event.settlement_id is not None:
+                record["sid"] = event.settlement_id
+            if vkey is not None:
+                record["vk"] = vkey
+        out.codes.append(record)
+
+
+def _stock_change_codes(event: Event, kind: str, view: IngestView, out: Routed) -> None:
+    keys = dict.fromkeys(scan.key for scan in map(classify, event.codes) if scan.key is not None)
+    if keys and kind == code_state.RECEIVE:
+        view.mark_receiver(event.institution)
+    for key in keys:
+        assert key is not None
+        out.codes.append(
+            {
+                "k": key,
+                "id": f"{event.key}|{key}",
+                "t": kind,
+                "inst": event.institution,
+                "ev": event.event_id,
+                "at": event.occurred_at,
+                "ts": event.occurred_ts,
+                "p": event.product,
+            }
+        )
+
+
+def _route_undo(event: Event, targets: list[Any] | None, kind: str, out: Routed) -> None:
+    """Send a void or a cancellation to every key the event it names went to.
+
+    A void naming nothing ingest remembers (never seen, or older than the index window) has
+    nothing to retract; the caller counts it.
+    """
+    for i, target in enumerate(targets or ()):
+        record: dict[str, Any] = {
+            "k": target[1],
+            "id": f"{event.key}|{i}",
+            "t": kind,
+            "vt": target[2],
+            "inst": event.institution,
+            "ev": event.event_id,
+            "at": event.occurred_at,
+            "ts": event.occurred_ts,
+            "of": event.voided_event_id,
+        }
+        if target[0] == CODE_TARGET:
+            record["dk"] = target[3]
+            out.codes.append(record)
+        else:
+            record["u"] = target[3]
+            record["sid"] = target[4]
+            out.ledger.append(record)
+
+
+def _cancel_without_settlement(event: Event) -> Alert:
+    return make_alert(
+        "RETURN_WITHOUT_SALE",
+        institution=event.institution,
+        event_ids=[event.event_id],
+        occurred_at=event.occurred_at,
+        evidence={"cancelled_settlement_id": event.settlement_id, "found": False},
+        id_facts=(event.event_id, event.settlement_id),
+        settlement_id=event.settlement_id,
+    )
 
 
 def _line_record(event: Event, cl: CheckedLine, vkey: str | None) -> dict[str, Any]:

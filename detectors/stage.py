@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+import orjson
+
 from topics.records import Alert
 
 Record = dict[str, Any]
@@ -40,6 +42,76 @@ class Stage(Protocol):
     def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
         """Apply one record; read and replace `state[record['k']]` (absent = never seen)."""
         ...
+
+    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
+        """The watermark passed `state[key]['due']`: run the check parked there and replace the
+        state (without `due`, or with a later one). Stages that park nothing never get here."""
+        ...
+
+    def pack(self, state: State) -> bytes:
+        """State at rest (Redis) as compact bytes; `unpack` reverses it."""
+        ...
+
+    def unpack(self, raw: bytes) -> State: ...
+
+    def field(self, key: str) -> bytes:
+        """A state key as stored (Redis hash field); `unfield` reverses it."""
+        ...
+
+    def unfield(self, raw: bytes) -> str: ...
+
+
+class BaseStage:
+    """Defaults for stages: JSON state at rest, nothing parked in event time."""
+
+    name = "stage"
+
+    @staticmethod
+    def pack(state: State) -> bytes:
+        return orjson.dumps(state)
+
+    @staticmethod
+    def unpack(raw: bytes) -> State:
+        state: State = orjson.loads(raw)
+        return state
+
+    @staticmethod
+    def field(key: str) -> bytes:
+        """The key as stored in Redis."""
+        return key.encode()
+
+    @staticmethod
+    def unfield(raw: bytes) -> str:
+        return raw.decode()
+
+    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
+        entry = dict(state.get(key) or {})
+        entry.pop("due", None)
+        state[key] = entry
+
+
+def due_of(state: State | None) -> float | None:
+    """A state that waits for event time to pass carries `due` (seconds since the epoch)."""
+    return state.get("due") if state else None
+
+
+def fire_due(
+    stage: Stage,
+    keys: Iterable[str],
+    state: dict[str, State],
+    watermark: float,
+    out: StageOutput,
+) -> list[str]:
+    """Fire every key among `keys` whose state is due by `watermark`, oldest due first (ties by
+    key, so replay and stream fire in one order); returns the keys fired."""
+    ready = sorted(
+        (due, key)
+        for key in set(keys)
+        if (due := due_of(state.get(key))) is not None and due <= watermark
+    )
+    for _due, key in ready:
+        stage.fire(key, state, watermark, out)
+    return [key for _due, key in ready]
 
 
 def apply_records(

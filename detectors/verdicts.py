@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from detectors.settlement_gate import verdict
-from detectors.stage import Record, StageOutput, State
+from detectors.stage import BaseStage, Record, StageOutput, State
 
 HEAD = "H"
 
@@ -31,7 +31,7 @@ def head_record(vkey: str, head: dict[str, Any], expect: list[str]) -> Record:
     return {"k": vkey, "id": f"{vkey}|{HEAD}", "part": HEAD, "head": head, "expect": expect}
 
 
-class VerdictStage:
+class VerdictStage(BaseStage):
     name = "verdict"
 
     def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:

@@ -1,8 +1,9 @@
 """The Faust app: consumer group, agents, timer and web view around the batch processors.
 
-    events --ingest--> by-ledger --ledger--> verdict-parts --verdict--> verdicts
-       |                (+ heads to verdict-parts)   |
-       +--> alerts, dead-letters                     +--> alerts
+    events --ingest--+--> by-ledger --ledger--+--> verdict-parts --verdict--> verdicts
+       |             +--> by-code ----code----+
+       |             +--> verdict-parts (heads)     ledger, code --> alerts
+       +--> alerts, dead-letters
 
 Faust owns what it does well - group membership, partition assignment, agents, timers, the web
 server. Per-key state is not in Faust Tables (one changelog message per write caps a worker at
@@ -23,13 +24,15 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from prometheus_client import generate_latest
 
+from detectors.code_state import CodeStage
 from detectors.ledger import LedgerStage
-from detectors.pipeline import LEDGER_PART
+from detectors.pipeline import CODE_PART, LEDGER_PART
+from detectors.stage import Stage
 from detectors.verdicts import VerdictStage
 from streams import metrics
 from streams.output import OutputProducer
 from streams.processors import IngestProcessor, Message, StageProcessor
-from streams.redis_state import SeenFilter, StageStore
+from streams.redis_state import IngestStore, StageStore
 from streams.reference import CatalogCache
 from streams.settings import Settings
 from topics import names
@@ -108,22 +111,29 @@ def build_app(settings: Settings) -> faust.App:
     catalog = CatalogCache(redis_client, settings.redis_prefix)
     ingest = IngestProcessor(
         producer,
-        SeenFilter(redis_client, settings.redis_prefix, settings.seen_ttl_days),
+        IngestStore(redis_client, settings.redis_prefix, settings.seen_ttl_days),
         catalog.current,
     )
 
-    def store(tag: str) -> StageStore:
-        return StageStore(
+    def processor(stage: Stage, tag: str, part_prefix: str | None = None) -> StageProcessor:
+        store = StageStore(
             redis_client,
             settings.redis_prefix,
             tag,
             settings.state_buckets,
             settings.applied_ttl_days,
+            codec=stage,
         )
+        return StageProcessor(stage, store, producer, part_prefix=part_prefix)
 
-    ledger = StageProcessor(LedgerStage(), store(LEDGER_PART), producer, part_prefix=LEDGER_PART)
-    verdicts = StageProcessor(VerdictStage(), store("V"), producer)
-    stage_topics = {names.BY_LEDGER.name: ledger, names.VERDICT_PARTS.name: verdicts}
+    ledger = processor(LedgerStage(), LEDGER_PART, part_prefix=LEDGER_PART)
+    codes = processor(CodeStage(settings.grace_hours * 3600), CODE_PART, part_prefix=CODE_PART)
+    verdicts = processor(VerdictStage(), "V")
+    stage_topics = {
+        names.BY_LEDGER.name: ledger,
+        names.BY_CODE.name: codes,
+        names.VERDICT_PARTS.name: verdicts,
+    }
 
     def topic(spec: names.TopicSpec) -> Any:
         return app.topic(spec.name, partitions=spec.partitions, value_serializer="raw")
@@ -138,6 +148,11 @@ def build_app(settings: Settings) -> faust.App:
     async def ledger_agent(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
             await _with_retry("ledger", ledger.process, _messages(events))
+
+    @app.agent(topic(names.BY_CODE), name="code")
+    async def code_agent(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
+            await _with_retry("code", codes.process, _messages(events))
 
     @app.agent(topic(names.VERDICT_PARTS), name="verdict")
     async def verdict_agent(stream: Any) -> None:

@@ -48,3 +48,17 @@ EVENT_LAG = Histogram(
     "Processing time minus event time (occurred_at): how late institutions upload",
     buckets=(1, 10, 60, 300, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400),
 )
+UNRESOLVED = Counter(
+    "tracewatch_unresolved_references_total",
+    "Voids and cancellations naming an event or settlement ingest does not remember",
+    ["type"],
+)
+FIRED = Counter(
+    "tracewatch_parked_checks_fired_total",
+    "Checks parked in event time (NO_PROVENANCE grace) run when the watermark passed them",
+    ["stage"],
+)
+WATERMARK = Counter(
+    "tracewatch_watermark_advance_seconds_total",
+    "Event time the ingest watermark has advanced by: flat while traffic flows means a stall",
+)

@@ -30,13 +30,13 @@ from typing import Any
 import orjson
 
 from detectors.catalog import Catalog
-from detectors.pipeline import expected_parts, partition_of
-from detectors.routing import route
-from detectors.stage import Record, Stage, StageOutput, apply_records
+from detectors.pipeline import event_watermark, expected_parts, partition_of
+from detectors.routing import IngestView, route
+from detectors.stage import Record, Stage, StageOutput, apply_records, fire_due
 from detectors.verdicts import head_record, part_record
 from streams import metrics
 from streams.output import OutputProducer
-from streams.redis_state import PartitionLost, SeenFilter, StageStore
+from streams.redis_state import IngestStore, PartitionLost, StageStore
 from topics import names
 from topics.records import Alert, Event, InvalidEvent, parse_event
 
@@ -63,6 +63,7 @@ class Emitter:
     def __init__(self, producer: OutputProducer) -> None:
         self._producer = producer
         self._packed: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self._watermarks: dict[str, float] = {}
 
     def alerts(self, alerts: list[Alert]) -> None:
         detected = _iso_now()
@@ -79,6 +80,13 @@ class Emitter:
 
     def record(self, topic: names.TopicSpec, key: str, record: Record) -> None:
         self._packed[(topic.name, partition_of(key, topic.partitions))].append(record)
+
+    def watermark(self, topic: names.TopicSpec, watermark: float) -> None:
+        """Send the watermark to every partition of `topic`, records or not: a partition that
+        gets no records must still see event time pass, or its parked checks never run."""
+        self._watermarks[topic.name] = watermark
+        for p in range(topic.partitions):
+            self._packed.setdefault((topic.name, p), [])
 
     def dead_letter(self, msg: Message, source: str, reason: str, detail: str) -> None:
         letter: dict[str, Any] = {
@@ -99,18 +107,21 @@ class Emitter:
 
     async def flush(self) -> None:
         for (topic, partition), records in self._packed.items():
-            self._producer.produce(topic, orjson.dumps(records), partition=partition)
+            packed = {"w": self._watermarks.get(topic), "r": records}
+            self._producer.produce(topic, orjson.dumps(packed), partition=partition)
         self._packed.clear()
+        self._watermarks.clear()
         await self._producer.flush()
 
 
 class IngestProcessor:
     def __init__(
-        self, producer: OutputProducer, seen: SeenFilter, catalog: Callable[[], Catalog]
+        self, producer: OutputProducer, store: IngestStore, catalog: Callable[[], Catalog]
     ) -> None:
         self._producer = producer
-        self._seen = seen
+        self._store = store
         self._catalog = catalog
+        self._watermark = float("-inf")
 
     async def process(self, messages: list[Message]) -> None:
         out = Emitter(self._producer)
@@ -124,12 +135,22 @@ class IngestProcessor:
                 continue
             by_partition[msg.partition].append(event)
         partitions = list(by_partition)
-        flags = await asyncio.gather(
-            *(self._seen.seen(p, [e.key for e in by_partition[p]]) for p in partitions)
+        loaded = await asyncio.gather(
+            *(
+                self._store.load(
+                    p,
+                    [e.key for e in by_partition[p]],
+                    list(dict.fromkeys(k for e in by_partition[p] for k in IngestView.lookups(e))),
+                    list(dict.fromkeys(e.institution for e in by_partition[p])),
+                )
+                for p in partitions
+            )
         )
         catalog = self._catalog()
-        fresh: dict[int, list[str]] = {}
-        for p, seen_flags in zip(partitions, flags, strict=True):
+        saves: list[tuple[int, list[str], IngestView]] = []
+        watermark = self._watermark
+        for p, (seen_flags, index, receivers) in zip(partitions, loaded, strict=True):
+            view = IngestView(index, receivers)
             batch_keys: set[str] = set()
             for event, seen in zip(by_partition[p], seen_flags, strict=True):
                 if seen or event.key in batch_keys:
@@ -138,21 +159,40 @@ class IngestProcessor:
                 batch_keys.add(event.key)
                 metrics.EVENTS_IN.labels(event.type).inc()
                 metrics.EVENT_LAG.observe(max(0.0, now - event.occurred_ts))
-                self._route(event, catalog, out)
-            fresh[p] = list(batch_keys)
+                watermark = max(watermark, event_watermark(event.occurred_ts, now))
+                self._route(event, catalog, view, out)
+            saves.append((p, list(batch_keys), view))
+        if watermark > self._watermark:
+            if self._watermark > float("-inf"):
+                metrics.WATERMARK.inc(watermark - self._watermark)
+            self._watermark = watermark
+        if watermark > float("-inf"):
+            out.watermark(names.BY_CODE, watermark)
+            out.watermark(names.BY_LEDGER, watermark)
         await out.flush()
-        await asyncio.gather(*(self._seen.mark(p, keys) for p, keys in fresh.items()))
+        await asyncio.gather(
+            *(self._store.save(p, keys, view.added, view.new_receivers) for p, keys, view in saves)
+        )
         _observe_latency("ingest", messages)
 
     @staticmethod
-    def _route(event: Event, catalog: Catalog, out: Emitter) -> None:
-        routed = route(event, catalog)
+    def _route(event: Event, catalog: Catalog, view: IngestView, out: Emitter) -> None:
+        unresolved = event.type in ("void", "settlement_cancel")
+        if unresolved and IngestView.lookups(event)[0] not in view.index:
+            metrics.UNRESOLVED.labels(event.type).inc()
+        routed = route(event, catalog, view)
         out.alerts(routed.alerts)
         for record in routed.ledger:
             out.record(names.BY_LEDGER, record["k"], record)
+        for record in routed.codes:
+            out.record(names.BY_CODE, record["k"], record)
         if routed.head is not None:
             vkey = f"{event.institution}|{event.event_id}"
-            expect = expected_parts(routed, lambda k: partition_of(k, names.BY_LEDGER.partitions))
+            expect = expected_parts(
+                routed,
+                lambda k: partition_of(k, names.BY_LEDGER.partitions),
+                lambda k: partition_of(k, names.BY_CODE.partitions),
+            )
             out.record(names.VERDICT_PARTS, vkey, head_record(vkey, routed.head, expect))
 
 
@@ -173,8 +213,12 @@ class StageProcessor:
 
     async def process(self, messages: list[Message]) -> None:
         by_partition: dict[int, list[Record]] = defaultdict(list)
+        offered: dict[int, float] = {}  # the newest watermark each partition was sent
         for msg in messages:
-            by_partition[msg.partition].extend(orjson.loads(msg.value))
+            packed = orjson.loads(msg.value)
+            by_partition[msg.partition].extend(packed["r"])
+            if packed["w"] is not None:
+                offered[msg.partition] = max(packed["w"], offered.get(msg.partition, packed["w"]))
         owned = [p for p in by_partition if p in self.store.generations]
         for p in by_partition.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
@@ -185,32 +229,43 @@ class StageProcessor:
                     p,
                     list(dict.fromkeys(r["k"] for r in by_partition[p])),
                     [r["id"] for r in by_partition[p]],
+                    offered.get(p),
                 )
                 for p in owned
             )
         )
         out = Emitter(self._producer)
-        saves: list[tuple[int, dict[str, Any], list[str]]] = []
-        for p, (state, applied) in zip(owned, loaded, strict=True):
+        saves: list[tuple[int, dict[str, Any], list[str], float | None]] = []
+        for p, batch in zip(owned, loaded, strict=True):
             records = by_partition[p]
             result = StageOutput()
-            new_ids = apply_records(self.stage, records, state, applied, result)
+            state = batch.state
+            new_ids = apply_records(self.stage, records, state, batch.applied, result)
             metrics.RECORDS.labels(self.stage.name).inc(len(new_ids))
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
-            if not new_ids:
-                continue
             new = set(new_ids)
             touched = {r["k"] for r in records if r["id"] in new}
+            raised = _newer(offered.get(p), batch.watermark)
+            watermark = raised if raised is not None else batch.watermark
+            fired: list[str] = []
+            if watermark is not None:
+                fired = fire_due(self.stage, [*batch.due, *touched], state, watermark, result)
+                metrics.FIRED.labels(self.stage.name).inc(len(fired))
+            if not new_ids and not fired and raised is None and not batch.due:
+                continue
             out.alerts(result.alerts)
             out.verdicts(result.verdicts)
             if self._part_prefix is not None:
                 part_id = f"{self._part_prefix}{p}"
                 for vkey, lines in result.parts.items():
                     out.record(names.VERDICT_PARTS, vkey, part_record(vkey, part_id, lines))
-            saves.append((p, {k: state.get(k, {}) for k in touched}, new_ids))
+            # due keys that were not fired are saved too: their index entry is rewritten from
+            # their state (a receipt may have cleared the check, a void removed the state)
+            keys = touched.union(fired, batch.due)
+            saves.append((p, {k: state.get(k, {}) for k in keys}, new_ids, raised))
         await out.flush()
         results = await asyncio.gather(
-            *(self.store.save(p, s, ids) for p, s, ids in saves), return_exceptions=True
+            *(self.store.save(p, s, ids, w) for p, s, ids, w in saves), return_exceptions=True
         )
         for outcome in results:
             if isinstance(outcome, PartitionLost):
@@ -219,6 +274,13 @@ class StageProcessor:
             elif isinstance(outcome, BaseException):
                 raise outcome
         _observe_latency(self.stage.name, messages)
+
+
+def _newer(offered: float | None, stored: float | None) -> float | None:
+    """The offered watermark if it moves the stored one forward, else None."""
+    if offered is None or (stored is not None and offered <= stored):
+        return None
+    return offered
 
 
 def _observe_latency(stage: str, messages: list[Message]) -> None:

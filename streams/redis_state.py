@@ -4,14 +4,19 @@ Layout (every key of one stage partition shares a hash tag, so one Lua call touc
 Cluster slot):
 
     {prefix}:{<S><p>}:gen          partition generation (INCR by each new owner)
-    {prefix}:{<S><p>}:s:<bucket>   hash: state key -> orjson state
+    {prefix}:{<S><p>}:s:<bucket>   hash: state key (stage's `field`) -> state (stage's `pack`)
     {prefix}:{<S><p>}:ap:<day>     set: record ids applied that day (TTL = applied window)
-    {prefix}:{E<p>}:seen:<day>     set: `institution|event_id` seen at ingest (TTL = seen window)
+    {prefix}:{<S><p>}:wm           the partition's watermark (event time, seconds)
+    {prefix}:{<S><p>}:due          sorted set: `<bucket>|<field>` by the event time it waits for
+    {prefix}:{E<p>}:seen:<day>     set: `institution|event_id` seen at ingest (TTL = ingest window)
+    {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
+    {prefix}:{E<p>}:receivers      set: institutions that record codes on what they receive
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
-applied) and `save` (new states + applied ids, in one Lua script that first checks the writer
-still holds the partition's generation - a worker that lost the partition in a rebalance gets
-`PartitionLost` and writes nothing).
+applied + the keys due by the watermark) and `save` (new states + applied ids + watermark + due
+index, in one Lua script that first checks the writer still holds the partition's generation - a
+worker that lost the partition in a rebalance gets `PartitionLost` and writes nothing). The load
+script reads the due keys' buckets by name (same hash tag, so the same Cluster slot).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -28,32 +33,14 @@ from detectors.stage import State
 
 _DAY = 86400
 
-# KEYS: day sets (newest first). ARGV: ids. Returns 1/0 per id: seen in any of the sets.
-_CHECK_IDS = """
-local out = {}
-for i = 1, #ARGV do
-  local hit = 0
-  for k = 1, #KEYS do
-    if redis.call('SISMEMBER', KEYS[k], ARGV[i]) == 1 then hit = 1; break end
-  end
-  out[i] = hit
-end
-return out
-"""
-
-# KEYS: today's set. ARGV: ttl seconds, ids...
-_ADD_IDS = """
-for i = 2, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-# KEYS: applied day sets (n_sets of them), then one bucket hash per field.
-# ARGV: n_sets, n_ids, ids..., fields...
-# Returns: applied flags (n_ids), then the field values (false when absent).
+# KEYS: applied day sets (n_sets), one bucket hash per field, the watermark, the due index.
+# ARGV: n_sets, n_ids, ids..., fields..., candidate watermark ('' = none), due limit, key base.
+# Returns: applied flags (n_ids), field values (false when absent), the stored watermark, then
+# (member, value) pairs for the keys due by max(stored, candidate) watermark.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
 local n_ids = tonumber(ARGV[2])
+local n_fields = #KEYS - n_sets - 2
 local out = {}
 for i = 1, n_ids do
   local id = ARGV[2 + i]
@@ -64,25 +51,93 @@ for i = 1, n_ids do
   out[i] = hit
 end
 local base = 2 + n_ids
-for j = n_sets + 1, #KEYS do
-  out[n_ids + j - n_sets] = redis.call('HGET', KEYS[j], ARGV[base + j - n_sets])
+for j = 1, n_fields do
+  out[n_ids + j] = redis.call('HGET', KEYS[n_sets + j], ARGV[base + j])
+end
+local a = base + n_fields
+local stored = redis.call('GET', KEYS[#KEYS - 1])
+out[#out + 1] = stored
+local w = tonumber(stored)
+local cand = tonumber(ARGV[a + 1])
+if cand ~= nil and (w == nil or cand > w) then w = cand end
+if w ~= nil then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[#KEYS], '-inf', w, 'LIMIT', 0, tonumber(ARGV[a + 2]))
+  for _, member in ipairs(due) do
+    local bucket, field = string.match(member, '^(%d+)|(.*)$')
+    out[#out + 1] = member
+    out[#out + 1] = redis.call('HGET', ARGV[a + 3] .. ':s:' .. bucket, field)
+  end
 end
 return out
 """
 
-# KEYS: gen key, today's applied set, then one bucket hash per field.
-# ARGV: generation, ttl, n_ids, ids..., then (field, value) pairs; empty value = delete.
+# KEYS: gen key, today's applied set, watermark, due index, then one bucket hash per field.
+# ARGV: generation, ttl, n_ids, ids..., watermark ('' = unchanged), then per field
+# (field, value ('' = delete), due-index member, due ('' = not due)).
 _SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
 for i = 1, n_ids do redis.call('SADD', KEYS[2], ARGV[3 + i]) end
 if n_ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-local base = 3 + n_ids
-for j = 3, #KEYS do
-  local f = ARGV[base + 2 * (j - 3) + 1]
-  local v = ARGV[base + 2 * (j - 3) + 2]
-  if v == '' then redis.call('HDEL', KEYS[j], f) else redis.call('HSET', KEYS[j], f, v) end
+local w = ARGV[4 + n_ids]
+if w ~= '' then
+  local stored = tonumber(redis.call('GET', KEYS[3]))
+  if stored == nil or tonumber(w) > stored then redis.call('SET', KEYS[3], w) end
 end
+local base = 4 + n_ids
+for j = 5, #KEYS do
+  local at = base + 4 * (j - 5)
+  local f, v, member, due = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  if v == '' then redis.call('HDEL', KEYS[j], f) else redis.call('HSET', KEYS[j], f, v) end
+  if due == '' then redis.call('ZREM', KEYS[4], member) else redis.call('ZADD', KEYS[4], due, member) end
+end
+return 1
+"""
+
+# Ingest's view of one input partition. KEYS: seen day sets (n_seen), index day hashes, the
+# receivers set. ARGV: n_seen, n_events, event keys..., n_index, index keys..., institutions...
+# Returns: seen flags, index values (false when absent), receiver flags.
+_INGEST_LOAD = """
+local n_seen = tonumber(ARGV[1])
+local n_events = tonumber(ARGV[2])
+local n_index = tonumber(ARGV[3 + n_events])
+local ix_first, ix_last = n_seen + 1, #KEYS - 1
+local out = {}
+for i = 1, n_events do
+  local hit = 0
+  for k = 1, n_seen do
+    if redis.call('SISMEMBER', KEYS[k], ARGV[2 + i]) == 1 then hit = 1; break end
+  end
+  out[#out + 1] = hit
+end
+for i = 1, n_index do
+  local value = false
+  for k = ix_first, ix_last do
+    value = redis.call('HGET', KEYS[k], ARGV[3 + n_events + i])
+    if value then break end
+  end
+  out[#out + 1] = value
+end
+for i = 4 + n_events + n_index, #ARGV do
+  out[#out + 1] = redis.call('SISMEMBER', KEYS[#KEYS], ARGV[i])
+end
+return out
+"""
+
+# KEYS: today's seen set, today's index hash, receivers set.
+# ARGV: ttl, n_events, event keys..., n_index, (index key, value) pairs..., new receivers...
+_INGEST_SAVE = """
+local ttl = ARGV[1]
+local n_events = tonumber(ARGV[2])
+for i = 1, n_events do redis.call('SADD', KEYS[1], ARGV[2 + i]) end
+if n_events > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+local n_index = tonumber(ARGV[3 + n_events])
+local at = 3 + n_events
+for i = 1, n_index do
+  redis.call('HSET', KEYS[2], ARGV[at + 2 * i - 1], ARGV[at + 2 * i])
+end
+if n_index > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+for i = at + 2 * n_index + 1, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
 return 1
 """
 
@@ -95,49 +150,101 @@ def day_number(now: float | None = None) -> int:
     return int((time.time() if now is None else now) // _DAY)
 
 
-class IdWindow:
-    """Ids remembered for `days` days in per-day sets; checking looks at all of them."""
+class IngestStore:
+    """Ingest's memory per input partition: seen events, the void/cancel index, receivers.
 
-    def __init__(self, client: aioredis.Redis, days: int) -> None:
-        self._client = client
-        self._days = max(1, days)
-        self._check = client.register_script(_CHECK_IDS)
-        self._add = client.register_script(_ADD_IDS)
-
-    def day_keys(self, base: str, now: float | None = None) -> list[str]:
-        today = day_number(now)
-        return [f"{base}:{today - d}" for d in range(self._days)]
-
-    async def check(self, base: str, ids: Sequence[str]) -> list[bool]:
-        if not ids:
-            return []
-        flags = await self._check(keys=self.day_keys(base), args=list(ids))
-        return [bool(f) for f in flags]
-
-    async def add(self, base: str, ids: Sequence[str]) -> None:
-        if ids:
-            await self._add(keys=self.day_keys(base)[:1], args=[self._days * _DAY, *ids])
-
-
-class SeenFilter:
-    """Ingest's resubmission filter, per input partition: `(institution, event_id)` seen."""
+    The input topic is keyed by institution, so everything an institution sent is in one
+    partition and so is everything ingest remembers of it.
+    """
 
     def __init__(self, client: aioredis.Redis, prefix: str, days: int) -> None:
-        self._window = IdWindow(client, days)
+        self._client = client
         self._prefix = prefix
+        self._days = max(1, days)
+        self._load = client.register_script(_INGEST_LOAD)
+        self._save = client.register_script(_INGEST_SAVE)
 
     def _base(self, partition: int) -> str:
-        return f"{self._prefix}:{{E{partition}}}:seen"
+        return f"{self._prefix}:{{E{partition}}}"
 
-    async def seen(self, partition: int, keys: Sequence[str]) -> list[bool]:
-        return await self._window.check(self._base(partition), keys)
+    def _day_keys(self, partition: int, kind: str) -> list[str]:
+        today = day_number()
+        return [f"{self._base(partition)}:{kind}:{today - d}" for d in range(self._days)]
 
-    async def mark(self, partition: int, keys: Sequence[str]) -> None:
-        await self._window.add(self._base(partition), keys)
+    async def load(
+        self,
+        partition: int,
+        event_keys: Sequence[str],
+        index_keys: Sequence[str],
+        institutions: Sequence[str],
+    ) -> tuple[list[bool], dict[str, list[Any]], set[str]]:
+        """Which events were seen, the index entries asked for, which institutions receive."""
+        keys = [
+            *self._day_keys(partition, "seen"),
+            *self._day_keys(partition, "ix"),
+            f"{self._base(partition)}:receivers",
+        ]
+        args: list[Any] = [self._days, len(event_keys), *event_keys, len(index_keys)]
+        args += [*index_keys, *institutions]
+        reply = await self._load(keys=keys, args=args)
+        n, m = len(event_keys), len(index_keys)
+        seen = [bool(flag) for flag in reply[:n]]
+        index = {
+            key: orjson.loads(raw)
+            for key, raw in zip(index_keys, reply[n : n + m], strict=True)
+            if raw is not None
+        }
+        receivers = {inst for inst, flag in zip(institutions, reply[n + m :], strict=True) if flag}
+        return seen, index, receivers
+
+    async def save(
+        self,
+        partition: int,
+        event_keys: Sequence[str],
+        index: dict[str, list[Any]],
+        receivers: Iterable[str],
+    ) -> None:
+        keys = [
+            self._day_keys(partition, "seen")[0],
+            self._day_keys(partition, "ix")[0],
+            f"{self._base(partition)}:receivers",
+        ]
+        args: list[Any] = [self._days * _DAY, len(event_keys), *event_keys, len(index)]
+        for key, value in index.items():
+            args += [key, orjson.dumps(value)]
+        args += list(receivers)
+        await self._save(keys=keys, args=args)
+
+
+class Codec(Protocol):
+    """How a stage's state and keys look at rest (`detectors.stage.BaseStage` has defaults)."""
+
+    def pack(self, state: State) -> bytes: ...
+    def unpack(self, raw: bytes) -> State: ...
+    def field(self, key: str) -> bytes: ...
+    def unfield(self, raw: bytes) -> str: ...
+
+
+class Loaded:
+    """One partition's batch state as `StageStore.load` found it."""
+
+    __slots__ = ("applied", "due", "state", "watermark")
+
+    def __init__(
+        self, state: dict[str, State], applied: set[str], watermark: float | None, due: list[str]
+    ) -> None:
+        self.state = state
+        self.applied = applied
+        self.watermark = watermark
+        self.due = due
 
 
 class StageStore:
-    """One stage's per-key state in Redis, fenced by partition generation."""
+    """One stage's per-key state in Redis, fenced by partition generation.
+
+    Besides the states: the partition's watermark (event time, only ever raised) and a sorted set
+    of the keys whose state waits for it (`due`), so parked checks are found without a scan.
+    """
 
     def __init__(
         self,
@@ -146,12 +253,16 @@ class StageStore:
         tag: str,
         buckets: int,
         applied_days: int,
+        codec: Codec,
+        due_limit: int = 5000,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self.tag = tag
         self._buckets = buckets
         self._applied_days = max(1, applied_days)
+        self._codec = codec
+        self._due_limit = due_limit
         self._load = client.register_script(_LOAD)
         self._save = client.register_script(_SAVE)
         self.generations: dict[int, str] = {}
@@ -159,8 +270,8 @@ class StageStore:
     def _base(self, partition: int) -> str:
         return f"{self._prefix}:{{{self.tag}{partition}}}"
 
-    def _bucket(self, partition: int, key: str) -> str:
-        return f"{self._base(partition)}:s:{zlib.crc32(key.encode()) % self._buckets}"
+    def _bucket_no(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self._buckets
 
     def _applied_keys(self, partition: int) -> list[str]:
         today = day_number()
@@ -182,30 +293,68 @@ class StageStore:
             self.generations.pop(p, None)
 
     async def load(
-        self, partition: int, keys: Sequence[str], ids: Sequence[str]
-    ) -> tuple[dict[str, State], set[str]]:
+        self,
+        partition: int,
+        keys: Sequence[str],
+        ids: Sequence[str],
+        watermark: float | None = None,
+    ) -> Loaded:
+        """States of `keys`, which `ids` are applied, and the keys due by the watermark."""
+        base = self._base(partition)
         applied_keys = self._applied_keys(partition)
-        redis_keys = applied_keys + [self._bucket(partition, k) for k in keys]
-        args: list[Any] = [len(applied_keys), len(ids), *ids, *keys]
+        redis_keys = [
+            *applied_keys,
+            *(f"{base}:s:{self._bucket_no(k)}" for k in keys),
+            f"{base}:wm",
+            f"{base}:due",
+        ]
+        args: list[Any] = [len(applied_keys), len(ids), *ids]
+        args += [self._codec.field(k) for k in keys]
+        args += ["" if watermark is None else repr(watermark), self._due_limit, base]
         reply = await self._load(keys=redis_keys, args=args)
-        applied = {rid for rid, flag in zip(ids, reply[: len(ids)], strict=True) if flag}
+        n_ids, n_keys = len(ids), len(keys)
+        applied = {rid for rid, flag in zip(ids, reply[:n_ids], strict=True) if flag}
+        unpack = self._codec.unpack
         state = {
-            key: orjson.loads(raw)
-            for key, raw in zip(keys, reply[len(ids) :], strict=True)
+            key: unpack(raw)
+            for key, raw in zip(keys, reply[n_ids : n_ids + n_keys], strict=True)
             if raw is not None
         }
-        return state, applied
+        stored = reply[n_ids + n_keys]
+        due: list[str] = []
+        rest = reply[n_ids + n_keys + 1 :]
+        for member, raw in zip(rest[::2], rest[1::2], strict=True):
+            key = self._codec.unfield(member.split(b"|", 1)[1])
+            due.append(key)
+            if raw is not None and key not in state:
+                state[key] = unpack(raw)
+        return Loaded(state, applied, None if stored is None else float(stored), due)
 
-    async def save(self, partition: int, state: dict[str, State], ids: Sequence[str]) -> None:
+    async def save(
+        self,
+        partition: int,
+        state: dict[str, State],
+        ids: Sequence[str],
+        watermark: float | None = None,
+    ) -> None:
         gen = self.generations.get(partition)
         if gen is None:
             raise PartitionLost(f"{self.tag}{partition} is not owned by this worker")
-        redis_keys = [f"{self._base(partition)}:gen", self._applied_keys(partition)[0]]
+        base = self._base(partition)
+        redis_keys = [f"{base}:gen", self._applied_keys(partition)[0], f"{base}:wm", f"{base}:due"]
         args: list[Any] = [gen, self._applied_days * _DAY, len(ids), *ids]
+        args.append("" if watermark is None else repr(watermark))
         for key, value in state.items():
-            redis_keys.append(self._bucket(partition, key))
-            args.append(key)
-            args.append(orjson.dumps(value) if value else b"")
+            bucket = self._bucket_no(key)
+            field = self._codec.field(key)
+            redis_keys.append(f"{base}:s:{bucket}")
+            due = value.get("due") if value else None
+            args += [
+                field,
+                self._codec.pack(value) if value else b"",
+                str(bucket).encode() + b"|" + field,
+                "" if due is None else repr(due),
+            ]
         if not await self._save(keys=redis_keys, args=args):
             self.generations.pop(partition, None)
             raise PartitionLost(f"{self.tag}{partition} was taken over by another worker")

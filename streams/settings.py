@@ -9,7 +9,8 @@
 | `TRACEWATCH_BATCH_WITHIN` | `0.05` | Seconds a batch waits to fill. The latency floor per stage. |
 | `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Consumer fetch wait. The embedded broker holds an empty fetch this long even when data arrives; Faust's 1500 ms default halves throughput there. |
 | `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
-| `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long an `(institution, event_id)` is remembered to drop client resubmissions. |
+| `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long ingest remembers an event: to drop client resubmissions of it, and to resolve a `void` or `settlement_cancel` that names it. |
+| `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
 | `TRACEWATCH_APPLIED_TTL_DAYS` | `2` | How long stages remember applied record ids (redelivery after a crash or rebalance). |
 | `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
 | `TRACEWATCH_CATALOG` | (none) | Catalog JSONL loaded into Redis at worker start (else the cached catalog is used). |
@@ -58,6 +59,7 @@ class Settings:
     )
     web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
+    grace_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_GRACE_HOURS", 72.0))
     applied_ttl_days: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_APPLIED_TTL_DAYS", 2)
     )

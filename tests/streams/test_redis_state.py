@@ -9,7 +9,9 @@ from typing import TypeVar
 import pytest
 import redis.asyncio as aioredis
 
-from streams.redis_state import PartitionLost, SeenFilter, StageStore
+from detectors.code_state import CodeStage
+from detectors.ledger import LedgerStage
+from streams.redis_state import IngestStore, PartitionLost, StageStore
 from streams.services import Services
 
 T = TypeVar("T")
@@ -29,36 +31,36 @@ def with_redis(svc: Services, body: Callable[[aioredis.Redis], Awaitable[T]]) ->
 
 def test_state_round_trip_and_applied_ids(svc: Services, redis_prefix: str) -> None:
     async def body(client: aioredis.Redis) -> None:
-        store = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2)
+        store = StageStore(
+            client, redis_prefix, "L", buckets=8, applied_days=2, codec=LedgerStage()
+        )
         await store.acquire([3])
-        state, applied = await store.load(3, ["a", "b"], ["r1", "r2"])
-        assert state == {} and applied == set()
+        batch = await store.load(3, ["a", "b"], ["r1", "r2"])
+        assert batch.state == {} and batch.applied == set() and batch.watermark is None
         await store.save(3, {"a": {"legacy": 5}, "b": {"legacy": 1}}, ["r1"])
-        state, applied = await store.load(3, ["a", "b", "c"], ["r1", "r2"])
-        assert state == {"a": {"legacy": 5}, "b": {"legacy": 1}}
-        assert applied == {"r1"}
+        batch = await store.load(3, ["a", "b", "c"], ["r1", "r2"])
+        assert batch.state == {"a": {"legacy": 5}, "b": {"legacy": 1}}
+        assert batch.applied == {"r1"}
         await store.save(3, {"b": {}}, [])  # empty state = deleted
-        state, _ = await store.load(3, ["a", "b"], [])
-        assert state == {"a": {"legacy": 5}}
+        assert (await store.load(3, ["a", "b"], [])).state == {"a": {"legacy": 5}}
         # other partitions do not see it
-        other, _ = await store.load(4, ["a"], ["r1"])
-        assert other == {}
+        assert (await store.load(4, ["a"], ["r1"])).state == {}
 
     with_redis(svc, body)
 
 
 def test_a_worker_that_lost_the_partition_cannot_write(svc: Services, redis_prefix: str) -> None:
     async def body(client: aioredis.Redis) -> None:
-        old = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2)
-        new = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2)
+        old = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2, codec=LedgerStage())
+        new = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2, codec=LedgerStage())
         await old.acquire([0])
         await old.save(0, {"k": {"legacy": 1}}, ["r1"])
         await new.acquire([0])  # a rebalance moved partition 0
         with pytest.raises(PartitionLost):
             await old.save(0, {"k": {"legacy": 99}}, ["r2"])
         assert 0 not in old.generations
-        state, applied = await new.load(0, ["k"], ["r1", "r2"])
-        assert state == {"k": {"legacy": 1}} and applied == {"r1"}
+        batch = await new.load(0, ["k"], ["r1", "r2"])
+        assert batch.state == {"k": {"legacy": 1}} and batch.applied == {"r1"}
         await new.save(0, {"k": {"legacy": 2}}, ["r2"])
         with pytest.raises(PartitionLost):
             await old.save(0, {"k": {"legacy": 3}}, [])  # not owned at all any more
@@ -66,13 +68,43 @@ def test_a_worker_that_lost_the_partition_cannot_write(svc: Services, redis_pref
     with_redis(svc, body)
 
 
-def test_seen_filter(svc: Services, redis_prefix: str) -> None:
+def test_watermark_and_due_index(svc: Services, redis_prefix: str) -> None:
+    """Parked states come back once the watermark passes them, with binary-packed code keys."""
+    codes = [f"8100001000000000{n:04d}" for n in range(200)]  # some pack to bytes with 0x00/'|'
+
     async def body(client: aioredis.Redis) -> None:
-        seen = SeenFilter(client, redis_prefix, days=7)
-        assert await seen.seen(1, ["H1|e1", "H1|e2"]) == [False, False]
-        await seen.mark(1, ["H1|e1"])
-        assert await seen.seen(1, ["H1|e1", "H1|e2"]) == [True, False]
-        ttl = await client.ttl(seen._window.day_keys(f"{redis_prefix}:{{E1}}:seen")[0])
+        store = StageStore(client, redis_prefix, "C", buckets=4, applied_days=2, codec=CodeStage())
+        await store.acquire([2])
+        parked = {
+            code: {"r": ["P1"], "np": ["P2", f"E{i}", 1772409600.0], "due": 1772409600.0 + i}
+            for i, code in enumerate(codes)
+        }
+        await store.save(2, parked, ["r1"], watermark=1772409000.0)
+        batch = await store.load(2, [], [], watermark=1772409000.0 + 600 + 49)
+        assert batch.watermark == 1772409000.0
+        assert sorted(batch.due) == sorted(codes[:50])
+        assert all(batch.state[c] == parked[c] for c in codes[:50])
+        # the watermark only rises, and a state without `due` leaves the index
+        await store.save(2, {c: {"r": ["P1"]} for c in codes[:50]}, [], watermark=1.0)
+        batch = await store.load(2, [], [], watermark=1772409600.0 + 1000)
+        assert batch.watermark == 1772409000.0
+        assert sorted(batch.due) == sorted(codes[50:])
+
+    with_redis(svc, body)
+
+
+def test_ingest_store(svc: Services, redis_prefix: str) -> None:
+    async def body(client: aioredis.Redis) -> None:
+        store = IngestStore(client, redis_prefix, days=7)
+        seen, index, receivers = await store.load(1, ["H1|e1", "H1|e2"], ["e|H1|e0"], ["H1"])
+        assert seen == [False, False] and index == {} and receivers == set()
+        await store.save(1, ["H1|e1"], {"e|H1|e0": [["c", "8100", "d", "e:e0"]]}, ["H1"])
+        seen, index, receivers = await store.load(1, ["H1|e1", "H1|e2"], ["e|H1|e0"], ["H1", "H2"])
+        assert seen == [True, False]
+        assert index == {"e|H1|e0": [["c", "8100", "d", "e:e0"]]}
+        assert receivers == {"H1"}
+        assert (await store.load(2, ["H1|e1"], [], []))[0] == [False]  # per input partition
+        ttl = await client.ttl(store._day_keys(1, "seen")[0])
         assert 6 * 86400 < ttl <= 7 * 86400
 
     with_redis(svc, body)

@@ -1,0 +1,326 @@
+"""The per-code lifecycle: every transition, every legitimate repeat, voids, event time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from detectors.catalog import Catalog, product_from_dict
+from detectors.code_state import CodeStage
+from detectors.pipeline import Pipeline
+from detectors.stage import StageOutput
+from topics.records import event_from_dict
+
+CATALOG = Catalog(
+    product_from_dict(p, "test")
+    for p in [
+        {"product": "XA001", "prefixes": ["8100001"], "pack_size": 24},
+        {"product": "XA002", "prefixes": ["8100002"], "pack_size": 60},
+    ]
+)
+A1 = "81000010000000000001"
+A2 = "81000010000000000002"
+HOUR = 3600
+
+
+class Run:
+    """Feeds contract events to one replay pipeline and keeps what came out."""
+
+    def __init__(self, grace_hours: float = 72) -> None:
+        self.pipeline = Pipeline(CATALOG, grace_seconds=grace_hours * HOUR)
+        self.alerts: list[Any] = []
+        self.verdicts: list[dict[str, Any]] = []
+        self._n = 0
+
+    def send(self, etype: str, inst: str = "P1", hour: float = 0, **fields: Any) -> str:
+        self._n += 1
+        eid = fields.pop("event_id", f"E{self._n}")
+        event = {
+            "event_id": eid,
+            "type": etype,
+            "institution": inst,
+            "occurred_at": "2026-03-02T00:00:00+00:00",
+            **fields,
+        }
+        parsed = event_from_dict(event)
+        parsed = type(parsed)(
+            **{**_fields(parsed), "occurred_ts": parsed.occurred_ts + hour * HOUR}
+        )
+        alerts, verdicts = self.pipeline.process(parsed)
+        self.alerts += alerts
+        self.verdicts += verdicts
+        return eid
+
+    def lines(
+        self,
+        etype: str,
+        codes: list[str],
+        inst: str = "P1",
+        hour: float = 0,
+        split: bool = False,
+        quantity: float | None = None,
+        unit: str = "pack",
+        product: str = "XA001",
+        **kw: Any,
+    ) -> str:
+        qty = quantity if quantity is not None else len(codes)
+        line = {
+            "line_no": 1,
+            "product": product,
+            "quantity": qty,
+            "unit": unit,
+            "split": split,
+            "codes": codes,
+        }
+        return self.send(etype, inst, hour, lines=[line], **kw)
+
+    def buy(self, *codes: str, inst: str = "P1", hour: float = 0) -> str:
+        return self.lines("purchase", list(codes), inst, hour)
+
+    def settle(
+        self, *codes: str, inst: str = "P1", hour: float = 0, sid: str | None = None, **kw: Any
+    ) -> str:
+        self._n += 1
+        return self.lines(
+            "settlement", list(codes), inst, hour, settlement_id=sid or f"SID{self._n}", **kw
+        )
+
+    def rules(self) -> list[str]:
+        return sorted(a.rule for a in self.alerts)
+
+
+def _fields(event: Any) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in event.__slots__}
+
+
+def test_one_sale_of_a_received_box_is_quiet() -> None:
+    run = Run()
+    run.buy(A1)
+    run.settle(A1, hour=1)
+    assert run.rules() == []
+    assert run.verdicts[-1]["verdict"] == "pass"
+
+
+def test_second_whole_sale_at_same_institution_is_duplicate_and_rejects_the_line() -> None:
+    run = Run()
+    run.buy(A1)
+    first = run.settle(A1, hour=1)
+    second = run.settle(A1, hour=2)
+    assert run.rules() == ["DUPLICATE_SALE"]
+    alert = run.alerts[0]
+    assert alert.code == A1 and alert.event_ids == [first, second]
+    assert alert.evidence["earlier_sales"][0]["event_id"] == first
+    assert run.verdicts[-1]["verdict"] == "reject"
+    assert run.verdicts[-1]["lines"][0]["rules"] == ["DUPLICATE_SALE"]
+
+
+def test_sale_at_another_institution_is_cross_institution_and_names_the_first_sale() -> None:
+    run = Run()
+    run.buy(A1, inst="P1")
+    first = run.settle(A1, inst="P1", hour=1)
+    run.settle(A1, inst="P2", hour=5)
+    assert run.rules() == ["CROSS_INSTITUTION_SALE"]
+    alert = run.alerts[0]
+    assert alert.institution == "P2"
+    assert alert.evidence["earlier_sales"][0]["institution"] == "P1"
+    assert first in alert.event_ids
+    assert run.verdicts[-1]["lines"][0]["rules"] == ["CROSS_INSTITUTION_SALE"]
+
+
+def test_sale_and_its_settlement_are_one_dispense_in_either_order() -> None:
+    for order in (("sale", "settlement"), ("settlement", "sale")):
+        run = Run()
+        run.buy(A1)
+        for etype in order:
+            run.lines(etype, [A1], hour=1, settlement_id="SID-9")
+        assert run.rules() == [], order
+
+
+def test_exact_resubmission_is_dropped() -> None:
+    run = Run()
+    run.buy(A1)
+    run.settle(A1, hour=1, event_id="X", sid="S")
+    run.settle(A1, hour=1, event_id="X", sid="S")
+    assert run.rules() == []
+    assert len(run.verdicts) == 1
+
+
+@pytest.mark.parametrize("undo", ["sale_return", "settlement_cancel", "void"])
+def test_resale_after_return_cancel_or_void_at_same_institution_is_quiet(undo: str) -> None:
+    run = Run()
+    run.buy(A1)
+    eid = run.settle(A1, hour=1, sid="S1")
+    if undo == "sale_return":
+        run.lines("sale_return", [A1], hour=2, original_event_id=eid)
+    elif undo == "settlement_cancel":
+        run.send("settlement_cancel", hour=2, settlement_id="S1")
+    else:
+        run.send("void", hour=2, voided_event_id=eid)
+    run.settle(A1, hour=3)
+    assert run.rules() == []
+
+
+def test_return_elsewhere_or_of_unsold_code_is_return_without_sale() -> None:
+    run = Run()
+    run.buy(A1, A2)
+    run.settle(A1, hour=1)
+    run.lines("sale_return", [A1], inst="P2", hour=2)  # another institution
+    run.lines("sale_return", [A2], hour=2)  # never sold
+    assert run.rules() == ["RETURN_WITHOUT_SALE", "RETURN_WITHOUT_SALE"]
+
+
+def test_cancel_of_unknown_settlement_is_return_without_sale() -> None:
+    run = Run()
+    run.send("settlement_cancel", settlement_id="NOPE")
+    assert run.rules() == ["RETURN_WITHOUT_SALE"]
+    assert run.alerts[0].settlement_id == "NOPE"
+
+
+def test_split_within_pack_size_is_quiet_and_beyond_it_overflows() -> None:
+    run = Run()
+    run.buy(A1)  # XA001: 24 units a pack
+    for hour in (1, 2, 3):
+        run.settle(A1, hour=hour, split=True, quantity=8, unit="unit")
+    assert run.rules() == []
+    run.settle(A1, hour=4, split=True, quantity=1, unit="unit")
+    assert run.rules() == ["SPLIT_OVERFLOW"]
+    assert run.alerts[0].evidence["units_before"] == 24
+
+
+def test_split_at_another_institution_is_cross_institution() -> None:
+    run = Run()
+    run.buy(A1)
+    run.settle(A1, hour=1, split=True, quantity=4, unit="unit")
+    run.settle(A1, inst="P2", hour=2, split=True, quantity=4, unit="unit")
+    assert run.rules() == ["CROSS_INSTITUTION_SALE"]
+
+
+@pytest.mark.parametrize("first_split", [True, False])
+def test_split_mixed_with_whole_pack_overflows(first_split: bool) -> None:
+    run = Run()
+    run.buy(A1)
+    run.settle(
+        A1,
+        hour=1,
+        split=first_split,
+        quantity=4 if first_split else 1,
+        unit="unit" if first_split else "pack",
+    )
+    run.settle(
+        A1,
+        hour=2,
+        split=not first_split,
+        quantity=1 if first_split else 4,
+        unit="pack" if first_split else "unit",
+    )
+    assert run.rules() == ["SPLIT_OVERFLOW"]
+
+
+def test_replayed_split_sale_does_not_count_twice() -> None:
+    run = Run()
+    run.buy(A1)
+    run.settle(A1, hour=1, split=True, quantity=20, unit="unit", event_id="X", sid="S")
+    run.settle(A1, hour=1, split=True, quantity=20, unit="unit", event_id="X", sid="S")
+    assert run.rules() == []
+
+
+def test_no_provenance_waits_for_the_grace_period_and_a_late_receipt_cancels_it() -> None:
+    run = Run(grace_hours=72)
+    run.buy("81000020000000000009", inst="P1")  # P1 records codes on receipt
+    run.settle(A1, hour=0)  # never received
+    run.settle(A2, hour=0)
+    run.buy(A2, hour=50)  # late purchase upload, within grace
+    assert run.rules() == []
+    run.buy("81000020000000000010", hour=71)
+    assert run.rules() == []  # grace not over yet
+    run.buy("81000020000000000011", hour=73)
+    assert run.rules() == ["NO_PROVENANCE"]
+    alert = run.alerts[0]
+    assert alert.code == A1 and alert.institution == "P1"
+    assert alert.evidence["received_by"] == []
+
+
+def test_no_provenance_only_for_institutions_that_record_receipts() -> None:
+    run = Run(grace_hours=1)
+    run.settle(A1, inst="P9", hour=0)  # P9 never sent a coded receipt
+    run.buy(A2, inst="P1", hour=5)
+    assert run.rules() == []
+
+
+def test_recycled_box_is_cross_institution_then_no_provenance() -> None:
+    run = Run(grace_hours=1)
+    run.buy(A1, inst="P1")
+    run.buy(A2, inst="P2")  # P2 records receipts too
+    run.settle(A1, inst="P1", hour=1)
+    run.settle(A1, inst="P2", hour=2)
+    run.buy("81000010000000000099", inst="P2", hour=4)
+    assert run.rules() == ["CROSS_INSTITUTION_SALE", "NO_PROVENANCE"]
+
+
+def test_transfer_between_institutions_is_a_receipt() -> None:
+    run = Run(grace_hours=1)
+    run.buy(A1, inst="P1")
+    run.send(
+        "stock_change",
+        inst="P1",
+        hour=1,
+        product="XA001",
+        quantity=-1,
+        reason="transfer_out",
+        codes=[A1],
+    )
+    run.send(
+        "stock_change",
+        inst="P2",
+        hour=2,
+        product="XA001",
+        quantity=1,
+        reason="transfer_in",
+        codes=[A1],
+    )
+    run.settle(A1, inst="P2", hour=3)
+    run.buy(A2, inst="P1", hour=9)
+    assert run.rules() == []
+
+
+def test_void_of_a_purchase_retracts_the_receipt() -> None:
+    run = Run(grace_hours=1)
+    run.buy(A2)
+    purchase = run.buy(A1, hour=0)
+    run.send("void", hour=0.5, voided_event_id=purchase)
+    run.settle(A1, hour=1)
+    run.buy("81000010000000000077", hour=5)
+    assert run.rules() == ["NO_PROVENANCE"]
+
+
+def test_alert_ids_are_deterministic() -> None:
+    def once() -> list[str]:
+        run = Run()
+        run.buy(A1)
+        run.settle(A1, hour=1)
+        run.settle(A1, inst="P2", hour=2)
+        return [a.alert_id for a in run.alerts]
+
+    assert once() == once()
+
+
+def test_packed_state_round_trips_and_is_small() -> None:
+    stage = CodeStage()
+    state = {
+        "r": ["H330100123"],
+        "d": [["H330100123", "s:S2026030200001", "E000123456", 1772409600.0, 0, 0]],
+    }
+    raw = stage.pack(state)
+    assert stage.unpack(raw) == state
+    assert len(raw) < 64
+    pending = {**state, "np": ["H1", "E1", 1.0], "due": 2.0}
+    assert stage.unpack(stage.pack(pending)) == pending
+
+
+def test_fire_without_pending_check_just_clears_due() -> None:
+    stage = CodeStage()
+    state: dict[str, Any] = {A1: {"r": ["P1"], "due": 5.0}}
+    out = StageOutput()
+    stage.fire(A1, state, 10.0, out)
+    assert out.alerts == [] and state[A1] == {"r": ["P1"]}
