@@ -7,7 +7,9 @@ State per normalised code, what a box goes through:
 - `d`: its dispenses, oldest first, each `[institution, dispense key, event_id, ts, units,
   returned]` - `units` is 0 for a whole pack, the smallest units taken for a split (拆零)
   dispense; `returned` is 1 once a `sale_return`/`settlement_cancel` undid it;
-- `np`/`due`: a NO_PROVENANCE check waiting for its grace period (event time) to pass.
+- `np`: NO_PROVENANCE checks waiting for their grace period (event time) to pass, one per
+  institution that dispensed the code without holding a receipt of it; `due` is when the oldest
+  is ripe.
 
 A dispense is keyed by `s:<settlement_id>` when it names a settlement (a `sale` and its
 `settlement` are one dispense) and by `e:<event_id>` otherwise, so the second record of a sale
@@ -133,13 +135,11 @@ class CodeStage(BaseStage):
                     )
                 )
             )
-        if "np" in state:
-            inst, ev, ts = state["np"]
-            sections.append("?" + _US.join((inst, ev, _b36(ts), _b36(state["due"]))))
+        for inst, ev, ts in state.get("np", ()):
+            sections.append("?" + _US.join((inst, ev, _b36(ts))))
         return _RS.join(sections).encode()
 
-    @staticmethod
-    def unpack(raw: bytes) -> State:
+    def unpack(self, raw: bytes) -> State:
         first, *sections = raw.decode().split(_RS)
         state: State = {}
         receivers = first.split(_US) if first else []
@@ -149,9 +149,8 @@ class CodeStage(BaseStage):
         dispenses: list[list[Any]] = []
         for section in sections:
             if section.startswith("?"):
-                inst, ev, ts, due = section[1:].split(_US)
-                state["np"] = [inst, ev, _unb36(ts)]
-                state["due"] = _unb36(due)
+                inst, ev, ts = section[1:].split(_US)
+                state.setdefault("np", []).append([inst, ev, _unb36(ts)])
                 continue
             inst, dk, ev, ts, units, returned = section.split(_US)
             if not dk:
@@ -165,7 +164,17 @@ class CodeStage(BaseStage):
             )
         if dispenses:
             state["d"] = dispenses
+        self._set_due(state)
         return state
+
+    def _set_due(self, entry: State) -> None:
+        """`due` is when the oldest parked check is ripe; the store indexes keys by it."""
+        pending = entry.get("np")
+        if pending:
+            entry["due"] = min(p[2] for p in pending) + round(self.grace)
+        else:
+            entry.pop("np", None)
+            entry.pop("due", None)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -190,15 +199,19 @@ class CodeStage(BaseStage):
             _undo(entry, record["inst"], record["dk"])
         elif kind == VOID:
             _void(entry, record)
+        self._set_due(entry)
         state[key] = _compact(entry)
 
     def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
-        """The watermark passed this code's `due`: run the parked NO_PROVENANCE check."""
+        """The watermark passed this code's `due`: run the parked NO_PROVENANCE checks that
+        are ripe; the others stay parked."""
         entry = _copy(state.get(key))
-        pending = entry.pop("np", None)
-        due = entry.pop("due", None)
-        if pending is not None:
-            inst, ev, ts = pending
+        grace = round(self.grace)
+        waiting = []
+        for inst, ev, ts in entry.get("np", ()):
+            if ts + grace > watermark:
+                waiting.append([inst, ev, ts])
+                continue
             if inst not in entry.get("r", ()):
                 out.alerts.append(
                     make_alert(
@@ -209,7 +222,7 @@ class CodeStage(BaseStage):
                         evidence={
                             "dispensed_at": iso(ts),
                             "grace_hours": self.grace / 3600,
-                            "checked_after": iso(due) if due is not None else None,
+                            "checked_after": iso(ts + grace),
                             "received_by": list(entry.get("r", ())),
                             "dispenses": _describe(entry.get("d", ())),
                         },
@@ -217,6 +230,8 @@ class CodeStage(BaseStage):
                         code=key,
                     )
                 )
+        entry["np"] = waiting
+        self._set_due(entry)
         state[key] = _compact(entry)
 
     def _dispense(self, key: str, entry: State, record: Record, out: StageOutput) -> list[str]:
@@ -254,9 +269,10 @@ class CodeStage(BaseStage):
         ts = round(record["ts"])  # what the packed form keeps: replay and stream agree
         dispenses.append([inst, dk, record["ev"], ts, units, 0])
         _trim(dispenses)
-        if record.get("rc") and inst not in entry.get("r", ()) and "np" not in entry:
-            entry["np"] = [inst, record["ev"], ts]
-            entry["due"] = ts + round(self.grace)
+        pending = entry.setdefault("np", [])
+        if record.get("rc") and inst not in entry.get("r", ()):
+            if not any(p[0] == inst for p in pending):
+                pending.append([inst, record["ev"], ts])
         if rule is None:
             return []
         evidence.update({"line_no": record["ln"], "raw": record.get("raw"), "split": split})
@@ -304,6 +320,8 @@ def _copy(entry: State | None) -> State:
         copied["r"] = list(copied["r"])
     if "d" in copied:
         copied["d"] = [list(d) for d in copied["d"]]
+    if "np" in copied:
+        copied["np"] = [list(p) for p in copied["np"]]
     return copied
 
 
@@ -321,10 +339,8 @@ def _receive(entry: State, inst: str) -> None:
     receivers: list[str] = entry.setdefault("r", [])
     if inst not in receivers:
         receivers.append(inst)
-    pending = entry.get("np")
-    if pending is not None and pending[0] == inst:
-        del entry["np"]
-        del entry["due"]
+    if "np" in entry:
+        entry["np"] = [p for p in entry["np"] if p[0] != inst]
 
 
 def _leave(entry: State, inst: str) -> None:
@@ -348,10 +364,8 @@ def _void(entry: State, record: Record) -> None:
     if voided == DISPENSE:
         dispenses = entry.get("d", [])
         entry["d"] = [d for d in dispenses if not (d[_INST] == inst and d[_EV] == record["of"])]
-        pending = entry.get("np")
-        if pending is not None and pending[0] == inst and pending[1] == record["of"]:
-            del entry["np"]
-            del entry["due"]
+        if "np" in entry:
+            entry["np"] = [p for p in entry["np"] if not (p[0] == inst and p[1] == record["of"])]
     elif voided == RECEIVE:
         _leave(entry, inst)
     elif voided == LEAVE:

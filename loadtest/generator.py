@@ -1,12 +1,27 @@
-"""Synthetic POS/HIS traffic per CONTRACT.md, deterministic from a seed.
+"""Synthetic POS/HIS traffic per CONTRACT.md with injected fraud and its ground truth.
 
-Institutions buy coded boxes from suppliers (purchases), then settle them with patients, some
-through registered uncoded stock (无码库). Injected at configurable rates: settlement lines with no
-scan beyond legacy stock (NO_CODE), commodity barcodes scanned instead of trace codes
-(WRONG_BARCODE), garbled scans (INVALID_CODE), codes of another product (PRODUCT_MISMATCH), and
-the habits of real client software: retries of the same event, and malformed messages.
+Deterministic from a seed. The simulation runs in event time: suppliers deliver coded boxes to
+pharmacies, hospitals and clinics; patients buy whole packs (pharmacies) or split packs
+(hospitals, 拆零); settlements come with their 进销存 sale records; patients return drugs,
+settlements are cancelled, cash sales voided, boxes transferred, stock counted, uncoded legacy
+stock (无码库) registered and drawn down. Client habits: purchases and sale records of some
+institutions come in daily batches (late, out of event-time order), clients retry identical
+uploads, scanners spell one code several ways, and some messages are malformed.
 
-`python -m loadtest.generator OUT_DIR` writes catalog.jsonl, institutions.jsonl, events.jsonl.
+Fraud is injected at configurable rates, each kind on boxes chosen so that it raises exactly the
+alerts written to the ground truth - recycled boxes resold elsewhere, double settlement, split
+overflow, missing codes, commodity barcodes, garbled scans, swapped products, unknown codes,
+returns of boxes never sold, cancellations of unknown settlements, sales with no purchase,
+inflated stock counts. Incidental consequences are tracked, not guessed: a reference model of
+the contract's rules in event time (`_Truth`) records what a dispense or count must raise - a
+recycled box sold where it was never received is NO_PROVENANCE too, and it may push that
+institution's ledger below zero (OVERSOLD).
+
+Ground truth is a set of keys `rule|institution|code-or-product|event_id` (`truth_key`), the
+same key `loadtest.score` derives from an alert.
+
+`python -m loadtest.generator OUT_DIR` writes catalog.jsonl, institutions.jsonl, events.jsonl
+and truth.json.
 """
 
 from __future__ import annotations
@@ -14,24 +29,42 @@ from __future__ import annotations
 import argparse
 import os
 import random
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 
 CST = timezone(timedelta(hours=8))
+GRACE_SECONDS = 72 * 3600
+OVERSOLD_TOLERANCE = 0.5  # units; must match the ledger's default
+START = datetime(2026, 3, 2, 8, 0, tzinfo=CST)
 
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    no_code: float = 0.02
+    """Per settlement (fraud) or per event (client habits) probabilities."""
+
+    no_code: float = 0.01
     wrong_barcode: float = 0.01
     invalid_code: float = 0.01
-    product_mismatch: float = 0.01
+    product_mismatch: float = 0.008
+    unknown_code: float = 0.005
+    recycled: float = 0.01
+    double_settlement: float = 0.006
+    split_overflow: float = 0.3  # of split boxes used up: one more dispense from it
+    return_without_sale: float = 0.004
+    cancel_unknown: float = 0.002
+    phantom_sale: float = 0.004
+    false_count: float = 0.2  # of stock counts
     retry: float = 0.03
-    malformed: float = 0.005
+    malformed: float = 0.003
+
+
+def truth_key(rule: str, institution: str, subject: str | None, event_id: str) -> str:
+    return f"{rule}|{institution}|{subject or ''}|{event_id}"
 
 
 def _ean13(payload12: str) -> str:
@@ -39,18 +72,104 @@ def _ean13(payload12: str) -> str:
     return payload12 + str((10 - total % 10) % 10)
 
 
+def _gtin14(payload13: str) -> str:
+    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(payload13))
+    return payload13 + str((10 - total % 10) % 10)
+
+
+def _garble(box: Box) -> str:
+    """A scan that is no code: a digit lost (20-digit code) or a wrong GTIN check digit."""
+    if not box.serial:
+        return box.code[:-3]
+    gtin = box.product["gtins"][0]
+    wrong = str((int(gtin[-1]) + 1) % 10)
+    return f"01{gtin[:-1]}{wrong}21{box.serial}"
+
+
+_FULLWIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
+@dataclass(slots=True)
+class Box:
+    code: str  # normalised key
+    product: dict[str, Any]
+    inst: str
+    used: float = 0  # split units dispensed
+    serial: str = ""
+
+
+@dataclass(slots=True)
+class Sold:
+    box: Box
+    event_id: str
+    settlement_id: str | None
+    units: float
+
+
+@dataclass(slots=True)
+class _Truth:
+    """A reference model of the rules whose outcome depends on history, in event time."""
+
+    keys: set[str] = field(default_factory=set)
+    receivers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    recording: set[str] = field(default_factory=set)  # institutions recording codes on receipt
+    ledger: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # dispenses of codes never received where they were dispensed: NO_PROVENANCE once the run's
+    # last watermark is past their grace period
+    unreceived: list[tuple[str, str, str, int]] = field(default_factory=list)
+
+    def add(self, rule: str, inst: str, subject: str | None, event_id: str) -> None:
+        self.keys.add(truth_key(rule, inst, subject, event_id))
+
+    def received(self, inst: str, code: str) -> None:
+        self.receivers[code].add(inst)
+
+    def left(self, inst: str, code: str) -> None:
+        self.receivers[code].discard(inst)
+
+    def dispensed_code(self, inst: str, code: str, event_id: str, ts: float) -> None:
+        if inst in self.recording and inst not in self.receivers[code]:
+            self.unreceived.append((inst, code, event_id, int(ts)))
+
+    def stock(self, inst: str, product: str, units: float) -> None:
+        self.ledger[f"{inst}|{product}"] += units
+
+    def dispensed_units(self, inst: str, product: str, units: float, event_id: str) -> None:
+        key = f"{inst}|{product}"
+        before = self.ledger[key]
+        self.ledger[key] = before - units
+        if before >= -OVERSOLD_TOLERANCE and before - units < -OVERSOLD_TOLERANCE:
+            self.add("OVERSOLD", inst, product, event_id)
+
+    def counted(self, inst: str, product: str, units: float, event_id: str) -> None:
+        key = f"{inst}|{product}"
+        if abs(units - self.ledger[key]) > OVERSOLD_TOLERANCE:
+            self.add("STOCK_COUNT_MISMATCH", inst, product, event_id)
+        self.ledger[key] = units
+
+
 class Generator:
-    def __init__(self, seed: int = 7, products: int = 40, institutions: int = 30) -> None:
+    def __init__(
+        self,
+        seed: int = 7,
+        products: int = 40,
+        institutions: int = 30,
+        days: float = 8.0,
+        rates: Rates = Rates(),
+    ) -> None:
         self.rng = random.Random(seed)
+        self.rates = rates
+        self.days = days
         self.catalog: list[dict[str, Any]] = []
         for i in range(products):
             exempt = i % 13 == 12
+            gs1 = i % 5 == 4
             self.catalog.append(
                 {
                     "product": f"XA{i:08d}",
                     "name": f"Product {i}",
-                    "prefixes": [f"8{i + 100000:06d}"],
-                    "gtins": [],
+                    "prefixes": [] if gs1 else [f"8{i + 100000:06d}"],
+                    "gtins": [_gtin14(f"0690{i + 100000:06d}000")] if gs1 else [],
                     "pack_size": self.rng.choice([6, 10, 12, 24, 30, 60]),
                     "code_required": not exempt,
                 }
@@ -65,128 +184,553 @@ class Generator:
             }
             for j in range(institutions)
         ]
+        # clinics j % 6 == 2 record no codes on receipt; pharmacies upload 进销存 in daily batches
+        self.recording = {i["institution"] for j, i in enumerate(self.institutions) if j % 6 != 2}
+        self.kinds = {i["institution"]: i["kind"] for i in self.institutions}
+        self.batching = {i for i, kind in self.kinds.items() if kind == "pharmacy"}
         self._serial = 0
-        self._event = 0
-        self.clock = datetime(2026, 3, 2, 8, 0, tzinfo=CST)
+        self._n = 0
 
-    def _code(self, product: dict[str, Any]) -> str:
+    # -- ids, codes, time ------------------------------------------------------------------------
+
+    def _id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n:08d}"
+
+    def _box(self, product: dict[str, Any], inst: str) -> Box:
         self._serial += 1
-        return f"{product['prefixes'][0]}{self._serial:013d}"
+        if product["gtins"]:
+            serial = f"s{self._serial:09d}"
+            return Box(f"01{product['gtins'][0]}21{serial.upper()}", product, inst, serial=serial)
+        return Box(f"{product['prefixes'][0]}{self._serial:013d}", product, inst)
 
-    def _next_id(self, prefix: str) -> str:
-        self._event += 1
-        return f"{prefix}{self._event:08d}"
+    def _scan(self, box: Box) -> str:
+        """How a scanner sends the box's code: mostly clean, sometimes in another spelling."""
+        roll = self.rng.random()
+        if box.serial:
+            gtin = box.product["gtins"][0]
+            if roll < 0.3:
+                return f"(01){gtin}(21){box.serial}"
+            if roll < 0.5:
+                return f"]d201{gtin}21{box.serial}"
+            return f"01{gtin}21{box.serial}"
+        if roll < 0.05:
+            return f" {box.code} "
+        if roll < 0.08:
+            return box.code.translate(_FULLWIDTH)
+        return box.code
 
-    def _tick(self) -> str:
-        self.clock += timedelta(seconds=self.rng.randint(1, 30))
-        return self.clock.isoformat()
+    # -- the simulation ----------------------------------------------------------------------------
 
-    def events(self, count: int, rates: Rates = Rates()) -> Iterator[bytes]:
-        """Yields `count` messages (JSON lines, retries and malformed ones included)."""
-        rng = self.rng
-        stock: dict[str, dict[str, list[str]]] = {i["institution"]: {} for i in self.institutions}
-        coded = [p for p in self.catalog if p["code_required"]]
-        emitted = 0
-        for inst in self.institutions:  # opening legacy stock for a few products
-            for product in rng.sample(coded, 2):
-                event = {
-                    "event_id": self._next_id("L"),
-                    "type": "legacy_stock",
-                    "institution": inst["institution"],
-                    "occurred_at": self._tick(),
-                    "product": product["product"],
-                    "quantity": rng.randint(1, 3),
-                    "unit": "pack",
-                }
-                yield orjson.dumps(event)
-                emitted += 1
-        while emitted < count:
-            inst_id: str = rng.choice(self.institutions)["institution"]
-            product = rng.choice(self.catalog)
-            shelf = stock[inst_id].setdefault(product["product"], [])
-            if len(shelf) < 2:
-                boxes = [self._code(product) for _ in range(rng.randint(4, 12))]
-                shelf.extend(boxes)
-                event = self._lines_event("purchase", inst_id, product, boxes, len(boxes))
-            else:
-                event = self._settlement(inst_id, product, shelf, rates)
-            line = orjson.dumps(event)
-            yield line
-            emitted += 1
-            if rng.random() < rates.retry and emitted < count:
-                yield line  # client retry: the identical upload again
-                emitted += 1
-            if rng.random() < rates.malformed and emitted < count:
-                yield rng.choice([b"{not json", b'{"type": "sale"}', b"[1, 2, 3]"])
-                emitted += 1
+    def generate(self, count: int) -> tuple[list[bytes], set[str], dict[str, int]]:
+        """`count` messages in delivery order, the ground truth, and counts of legitimate
+        repeats that must not alert."""
+        sim = _Simulation(self, count)
+        return sim.run()
 
-    def _lines_event(
-        self, etype: str, inst: str, product: dict[str, Any], codes: list[str], packs: int
-    ) -> dict[str, Any]:
+    def events(self, count: int) -> Iterator[bytes]:
+        yield from self.generate(count)[0]
+
+
+class _Simulation:
+    def __init__(self, gen: Generator, count: int) -> None:
+        self.g = gen
+        self.rng = gen.rng
+        self.r = gen.rates
+        self.count = count
+        self.span = gen.days * 86400
+        self.step = self.span / max(1, count)
+        self.t = START.timestamp()
+        self.truth = _Truth()
+        self.truth.recording = set(gen.recording)
+        self.max_ts = 0
+        self.out: list[tuple[float, int, bytes]] = []  # (delivery time, seq, message)
+        self.shelf: dict[str, dict[str, list[Box]]] = defaultdict(lambda: defaultdict(list))
+        self.open_split: dict[str, list[Box]] = defaultdict(list)
+        self.used_up: dict[str, list[Box]] = defaultdict(list)
+        self.sold: dict[str, list[Sold]] = defaultdict(list)  # whole packs, not returned
+        self.cash: dict[str, list[Sold]] = defaultdict(list)  # voidable cash sales
+        self.settlements: dict[str, list[tuple[str, list[Box], float, str]]] = defaultdict(list)
+        self.legacy: dict[str, float] = defaultdict(float)
+        self.never: dict[str, dict[str, Any]] = {}  # inst -> product it never stocks (phantoms)
+        self.legit: dict[str, int] = defaultdict(int)
+        self.emitted = 0
+        self.coded = [p for p in gen.catalog if p["code_required"]]
+
+    def now(self) -> str:
+        """Event times are whole seconds: what the detectors keep, so truth and alerts agree."""
+        self.max_ts = max(self.max_ts, int(self.t))
+        return datetime.fromtimestamp(int(self.t), CST).isoformat()
+
+    def emit(self, event: dict[str, Any], inst: str, batch: bool = False) -> None:
+        """Deliver now, or with the institution's next daily batch (01:00 next day)."""
+        deliver = self.t
+        if batch and inst in self.g.batching:
+            day = datetime.fromtimestamp(self.t, CST).date() + timedelta(days=1)
+            deliver = datetime(day.year, day.month, day.day, 1, 0, tzinfo=CST).timestamp()
+            deliver += self.rng.random() * 60
+        raw = orjson.dumps(event)
+        self.out.append((deliver, len(self.out), raw))
+        self.emitted += 1
+        if self.rng.random() < self.r.retry:
+            self.out.append((deliver + 1, len(self.out), raw))  # client retry: identical upload
+            self.emitted += 1
+            self.legit["retries"] += 1
+        if self.rng.random() < self.r.malformed:
+            bad = self.rng.choice([b"{not json", b'{"type": "sale"}', b"[1, 2, 3]", b"\xff\xfe"])
+            self.out.append((self.t, len(self.out), bad))
+            self.emitted += 1
+
+    def base(self, etype: str, inst: str, prefix: str = "E") -> dict[str, Any]:
         return {
-            "event_id": self._next_id("E"),
+            "event_id": self.g._id(prefix),
             "type": etype,
             "institution": inst,
-            "occurred_at": self._tick(),
-            "lines": [
-                {
-                    "line_no": 1,
-                    "product": product["product"],
-                    "quantity": packs,
-                    "unit": "pack",
-                    "codes": codes,
-                }
-            ],
+            "occurred_at": self.now(),
         }
 
-    def _settlement(
-        self, inst: str, product: dict[str, Any], shelf: list[str], rates: Rates
-    ) -> dict[str, Any]:
+    def run(self) -> tuple[list[bytes], set[str], dict[str, int]]:
+        insts = [i["institution"] for i in self.g.institutions]
+        for inst in insts:  # opening: a product never stocked, legacy stock, first deliveries
+            self.never[inst] = self.rng.choice(self.coded)
+            coded = [p for p in self.coded if p is not self.never[inst]]
+            for product in self.rng.sample(coded, 2):
+                self.register_legacy(inst, product)
+            for product in self.rng.sample(coded, 6):
+                self.purchase(inst, product, realtime=True)
+        while self.emitted < self.count:
+            self.t += self.rng.expovariate(1 / self.step)
+            inst = self.rng.choice(insts)
+            self.act(inst)
+        self.out.sort()
+        for inst, code, eid, ts in self.truth.unreceived:
+            if ts + GRACE_SECONDS <= self.max_ts:  # the run's last watermark passes the grace
+                self.truth.add("NO_PROVENANCE", inst, code, eid)
+        return [raw for _, _, raw in self.out], self.truth.keys, dict(self.legit)
+
+    def stockable(self, inst: str) -> list[dict[str, Any]]:
+        return [p for p in self.g.catalog if p is not self.never[inst]]
+
+    def act(self, inst: str) -> None:
         rng = self.rng
-        packs = rng.randint(1, min(2, len(shelf)))
-        codes = [shelf.pop() for _ in range(packs)]
         roll = rng.random()
-        if not product["code_required"] or roll < rates.no_code:
-            codes = []
-        elif roll < rates.no_code + rates.wrong_barcode:
-            codes[0] = _ean13("69" + product["prefixes"][0][1:] + "0000")
-        elif roll < rates.no_code + rates.wrong_barcode + rates.invalid_code:
-            codes[0] = codes[0][:-3]
-        elif (
-            roll < rates.no_code + rates.wrong_barcode + rates.invalid_code + rates.product_mismatch
-        ):
-            other = rng.choice([p for p in self.catalog if p is not product and p["code_required"]])
-            codes[0] = self._code(other)
-        event = self._lines_event("settlement", inst, product, codes, packs)
-        event["settlement_id"] = self._next_id("S")
-        event["patient"] = f"pt{rng.randint(1, 5000):05d}"
+        hospital = self.g.kinds[inst] == "hospital"
+        if roll < 0.08:
+            self.purchase(inst, rng.choice(self.stockable(inst)))
+        elif roll < 0.12:
+            self.sale_return(inst)
+        elif roll < 0.14:
+            self.cancel(inst)
+        elif roll < 0.16:
+            self.void_cash_sale(inst)
+        elif roll < 0.18:
+            self.transfer(inst)
+        elif roll < 0.22:
+            self.count_stock(inst)
+        elif roll < 0.26:
+            self.cash_sale(inst)
+        elif hospital and roll < 0.5:
+            self.split_dispense(inst)
+        else:
+            self.settle(inst)
+
+    # -- flows -------------------------------------------------------------------------------------
+
+    def register_legacy(self, inst: str, product: dict[str, Any]) -> None:
+        packs = self.rng.randint(1, 3)
+        event = self.base("legacy_stock", inst, "L")
+        event.update(product=product["product"], quantity=packs, unit="pack")
+        units = packs * product["pack_size"]
+        self.legacy[f"{inst}|{product['product']}"] += units
+        self.truth.stock(inst, product["product"], units)
+        self.emit(event, inst)
+
+    def purchase(self, inst: str, product: dict[str, Any], realtime: bool = False) -> None:
+        boxes = [self.g._box(product, inst) for _ in range(self.rng.randint(3, 8))]
+        records = inst in self.g.recording and product["code_required"]
+        event = self.base("purchase", inst)
+        event["lines"] = [
+            {
+                "line_no": 1,
+                "product": product["product"],
+                "quantity": len(boxes),
+                "unit": "pack",
+                "codes": [b.code for b in boxes] if records else [],
+                "batch": f"B{self.rng.randint(1000, 9999)}",
+            }
+        ]
+        self.shelf[inst][product["product"]].extend(boxes)
+        for box in boxes:
+            if records:
+                self.truth.received(inst, box.code)
+        self.truth.stock(inst, product["product"], len(boxes) * product["pack_size"])
+        if not realtime and inst in self.g.batching:
+            self.legit["late_purchases"] += 1
+        self.emit(event, inst, batch=not realtime)
+
+    def take(self, inst: str, product: dict[str, Any], n: int) -> list[Box]:
+        shelf = self.shelf[inst][product["product"]]
+        if len(shelf) < n:
+            self.purchase(inst, product, realtime=inst not in self.g.batching)
+            self.t += 60
+        return [shelf.pop(self.rng.randrange(len(shelf))) for _ in range(n)]
+
+    def line(
+        self, product: dict[str, Any], qty: float, codes: list[str], **kw: Any
+    ) -> dict[str, Any]:
+        return {
+            "line_no": 1,
+            "product": product["product"],
+            "quantity": qty,
+            "unit": "pack",
+            "codes": codes,
+            **kw,
+        }
+
+    def dispense_event(
+        self, etype: str, inst: str, lines: list[dict[str, Any]], sid: str | None
+    ) -> dict[str, Any]:
+        event = self.base(etype, inst, "S" if etype == "settlement" else "E")
+        if sid is not None:
+            event["settlement_id"] = sid
+        if etype == "settlement":
+            event["patient"] = f"pt{self.rng.randint(1, 5000):05d}"
+        event["lines"] = lines
         return event
 
+    def settle(self, inst: str) -> None:
+        rng, r = self.rng, self.r
+        fraud = rng.random()
+        edges = [
+            ("recycled", r.recycled),
+            ("double", r.double_settlement),
+            ("rws", r.return_without_sale),
+            ("cancel_unknown", r.cancel_unknown),
+            ("phantom", r.phantom_sale),
+        ]
+        acc = 0.0
+        for name, rate in edges:
+            acc += rate
+            if fraud < acc:
+                getattr(self, f"fraud_{name}")(inst)
+                return
+        product = rng.choice(self.stockable(inst))
+        key = f"{inst}|{product['product']}"
+        sid = self.g._id("SID")
+        if not product["code_required"]:  # exempt (e.g. 中药饮片): bought and sold unscanned
+            packs = rng.randint(1, 2)
+            self.take(inst, product, packs)
+            self.whole_settlement(inst, product, packs, [], sid, [])
+            return
+        if self.legacy[key] >= product["pack_size"] and rng.random() < 0.3:
+            self.legacy[key] -= product["pack_size"]
+            self.legit["legacy_covered"] += 1
+            self.whole_settlement(inst, product, 1, [], sid, [])
+            return
+        packs = rng.randint(1, 2)
+        boxes = self.take(inst, product, packs)
+        scans = [self.g._scan(b) for b in boxes]
+        codes = [b.code for b in boxes]  # what the code stage will see per scan
+        roll = rng.random()
+        ev_rules: list[tuple[str, str | None]] = []
+        r1 = r.no_code
+        r2 = r1 + r.wrong_barcode
+        r3 = r2 + r.invalid_code
+        r4 = r3 + r.product_mismatch
+        r5 = r4 + r.unknown_code
+        if roll < r1 and self.legacy[key] < packs * product["pack_size"]:
+            scans, codes = [], []
+            ev_rules.append(("NO_CODE", None))
+        elif roll < r2:
+            pid = product["prefixes"][0][1:] if product["prefixes"] else "123456"
+            scans[0] = _ean13("69" + pid + "0000")
+            codes[0] = ""
+            ev_rules += [("WRONG_BARCODE", None), ("CODE_COUNT_MISMATCH", None)]
+        elif roll < r3:
+            scans[0] = _garble(boxes[0])
+            codes[0] = ""
+            ev_rules += [("INVALID_CODE", None), ("CODE_COUNT_MISMATCH", None)]
+        elif roll < r4:
+            others = [p for p in self.coded if p is not product and self.shelf[inst][p["product"]]]
+            if others:
+                other = rng.choice(others)
+                swapped = self.take(inst, other, 1)[0]
+                scans[0] = swapped.code
+                codes[0] = swapped.code
+                ev_rules.append(("PRODUCT_MISMATCH", swapped.code))
+                self.shelf[inst][product["product"]].append(boxes[0])  # its own box stays
+        elif roll < r5:
+            self.g._serial += 1
+            unknown = f"8999999{self.g._serial:013d}"
+            scans[0] = unknown
+            codes[0] = unknown
+            ev_rules.append(("UNKNOWN_CODE", unknown))
+        self.whole_settlement(inst, product, packs, scans, sid, ev_rules, codes=codes, boxes=boxes)
 
-def write_dataset(out_dir: str, events: int, seed: int = 7) -> dict[str, str]:
+    def whole_settlement(
+        self,
+        inst: str,
+        product: dict[str, Any],
+        packs: int,
+        scans: list[str],
+        sid: str,
+        ev_rules: list[tuple[str, str | None]],
+        codes: list[str] | None = None,
+        boxes: list[Box] | None = None,
+    ) -> str:
+        line = self.line(product, packs, scans)
+        event = self.dispense_event("settlement", inst, [line], sid)
+        eid: str = event["event_id"]
+        for rule, subject in ev_rules:
+            self.truth.add(rule, inst, subject, eid)
+        for code in codes or []:
+            if code:
+                self.truth.dispensed_code(inst, code, eid, self.t)
+        self.truth.dispensed_units(inst, product["product"], packs * product["pack_size"], eid)
+        self.emit(event, inst)
+        sold_boxes = [b for b, c in zip(boxes or [], codes or [], strict=False) if c == b.code]
+        for box in sold_boxes:
+            self.sold[inst].append(Sold(box, eid, sid, 0))
+        self.settlements[inst].append(
+            (sid, sold_boxes, packs * product["pack_size"], product["product"])
+        )
+        if self.rng.random() < 0.5:  # its 进销存 sale record, same settlement id
+            sale = self.dispense_event("sale", inst, [dict(line)], sid)
+            self.legit["sale_and_settlement"] += 1
+            self.emit(sale, inst, batch=True)
+        return eid
+
+    def cash_sale(self, inst: str) -> None:
+        product = self.rng.choice([p for p in self.stockable(inst) if p["code_required"]])
+        box = self.take(inst, product, 1)[0]
+        event = self.dispense_event(
+            "sale", inst, [self.line(product, 1, [self.g._scan(box)])], None
+        )
+        self.truth.dispensed_code(inst, box.code, event["event_id"], self.t)
+        self.truth.dispensed_units(
+            inst, product["product"], product["pack_size"], event["event_id"]
+        )
+        self.emit(event, inst)
+        self.cash[inst].append(Sold(box, event["event_id"], None, product["pack_size"]))
+
+    def split_dispense(self, inst: str) -> None:
+        rng = self.rng
+        opened = self.open_split[inst]
+        if not opened or rng.random() < 0.2:
+            product = rng.choice([p for p in self.stockable(inst) if p["code_required"]])
+            opened.append(self.take(inst, product, 1)[0])
+        box = rng.choice(opened)
+        size = box.product["pack_size"]
+        units = min(size - box.used, rng.randint(1, max(1, size // 3)))
+        box.used += units
+        if box.used >= size:
+            opened.remove(box)
+            self.used_up[inst].append(box)
+        line = self.line(box.product, units, [self.g._scan(box)], unit="unit", split=True)
+        event = self.dispense_event("settlement", inst, [line], self.g._id("SID"))
+        eid = event["event_id"]
+        self.truth.dispensed_code(inst, box.code, eid, self.t)
+        self.truth.dispensed_units(inst, box.product["product"], units, eid)
+        self.legit["split_within_pack"] += 1
+        self.emit(event, inst)
+        if box.used >= size and rng.random() < self.r.split_overflow:
+            self.t += 30
+            extra = rng.randint(1, max(1, size // 3))
+            line = self.line(box.product, extra, [box.code], unit="unit", split=True)
+            event = self.dispense_event("settlement", inst, [line], self.g._id("SID"))
+            self.truth.add("SPLIT_OVERFLOW", inst, box.code, event["event_id"])
+            self.truth.dispensed_units(inst, box.product["product"], extra, event["event_id"])
+            self.emit(event, inst)
+            self.used_up[inst].remove(box)  # one overflow per box
+
+    def sale_return(self, inst: str) -> None:
+        sold = self.sold[inst]
+        if not sold:
+            return
+        item = sold.pop(self.rng.randrange(len(sold)))
+        product = item.box.product
+        event = self.base("sale_return", inst)
+        event["original_event_id"] = item.event_id
+        event["lines"] = [self.line(product, 1, [self.g._scan(item.box)])]
+        self.truth.stock(inst, product["product"], product["pack_size"])
+        self.emit(event, inst)
+        self.shelf[inst][product["product"]].append(item.box)  # back in stock: may sell again
+        self.legit["returns_then_resale_possible"] += 1
+        # the settlement it came from can no longer be cancelled whole
+        self.settlements[inst] = [s for s in self.settlements[inst] if item.box not in s[1]]
+
+    def cancel(self, inst: str) -> None:
+        pending = self.settlements[inst]
+        if not pending:
+            return
+        sid, boxes, units, product = pending.pop(self.rng.randrange(len(pending)))
+        event = self.base("settlement_cancel", inst)
+        event["settlement_id"] = sid
+        self.truth.stock(inst, product, units)
+        self.emit(event, inst)
+        for box in boxes:
+            self.sold[inst] = [s for s in self.sold[inst] if s.box is not box]
+            self.shelf[inst][box.product["product"]].append(box)
+        self.legit["cancel_then_resale_possible"] += 1
+
+    def void_cash_sale(self, inst: str) -> None:
+        if not self.cash[inst]:
+            return
+        item = self.cash[inst].pop()
+        event = self.base("void", inst)
+        event["voided_event_id"] = item.event_id
+        self.truth.stock(inst, item.box.product["product"], item.units)
+        self.emit(event, inst)
+        self.shelf[inst][item.box.product["product"]].append(item.box)
+        self.legit["voids"] += 1
+
+    def transfer(self, inst: str) -> None:
+        products = [p for p, boxes in self.shelf[inst].items() if len(boxes) > 1]
+        if not products:
+            return
+        target = self.rng.choice([i for i in self.g.recording if i != inst])
+        name = self.rng.choice(products)
+        box = self.shelf[inst][name][-1]
+        if box.product is self.never[target]:
+            return
+        self.shelf[inst][name].pop()
+        size = box.product["pack_size"]
+        for who, qty, reason in ((inst, -1, "transfer_out"), (target, 1, "transfer_in")):
+            event = self.base("stock_change", who)
+            event.update(product=name, quantity=qty, unit="pack", reason=reason, codes=[box.code])
+            self.truth.stock(who, name, qty * size)
+            if reason == "transfer_out":
+                self.truth.left(who, box.code)
+            else:
+                self.truth.received(who, box.code)
+            self.emit(event, who)
+        box.inst = target
+        self.shelf[target][name].append(box)
+        self.legit["transfers"] += 1
+
+    def count_stock(self, inst: str) -> None:
+        stocked = [p for p in self.shelf[inst] if f"{inst}|{p}" in self.truth.ledger]
+        if not stocked:
+            return
+        name = self.rng.choice(stocked)
+        units = self.truth.ledger[f"{inst}|{name}"]
+        if units < 0:
+            return  # an oversold ledger: counting it is the next inspector's job
+        if self.rng.random() < self.r.false_count:
+            size = next(p["pack_size"] for p in self.g.catalog if p["product"] == name)
+            units += self.rng.randint(1, 3) * size  # stock inflated to cover missing boxes
+        event = self.base("stock_count", inst)
+        event.update(product=name, quantity=units, unit="unit")
+        self.truth.counted(inst, name, units, event["event_id"])
+        self.emit(event, inst)
+
+    # -- frauds with no normal flow around them ----------------------------------------------------
+
+    def fraud_recycled(self, inst: str) -> None:
+        """A box sold to a patient elsewhere, bought back, and settled here (回流药)."""
+        donors = [i for i, s in self.sold.items() if i != inst and s]
+        if not donors:
+            return
+        donor = self.rng.choice(donors)
+        item = self.sold[donor].pop(self.rng.randrange(len(self.sold[donor])))
+        self.settlements[donor] = [s for s in self.settlements[donor] if item.box not in s[1]]
+        product = item.box.product
+        event = self.dispense_event(
+            "settlement", inst, [self.line(product, 1, [self.g._scan(item.box)])], self.g._id("SID")
+        )
+        eid = event["event_id"]
+        self.truth.add("CROSS_INSTITUTION_SALE", inst, item.box.code, eid)
+        self.truth.dispensed_code(inst, item.box.code, eid, self.t)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.emit(event, inst)
+
+    def fraud_double(self, inst: str) -> None:
+        """The same box settled twice at one institution (no return between)."""
+        if not self.sold[inst]:
+            return
+        item = self.sold[inst].pop(self.rng.randrange(len(self.sold[inst])))
+        self.settlements[inst] = [s for s in self.settlements[inst] if item.box not in s[1]]
+        product = item.box.product
+        event = self.dispense_event(
+            "settlement", inst, [self.line(product, 1, [self.g._scan(item.box)])], self.g._id("SID")
+        )
+        eid = event["event_id"]
+        self.truth.add("DUPLICATE_SALE", inst, item.box.code, eid)
+        self.truth.dispensed_code(inst, item.box.code, eid, self.t)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.emit(event, inst)
+
+    def fraud_rws(self, inst: str) -> None:
+        """A 'return' of a box from the shelf that was never sold."""
+        stocked = [
+            boxes
+            for boxes in self.shelf[inst].values()
+            if boxes and boxes[0].product["code_required"]
+        ]
+        if not stocked:
+            return
+        box = self.rng.choice(stocked)[0]
+        event = self.base("sale_return", inst)
+        event["lines"] = [self.line(box.product, 1, [box.code])]
+        self.truth.add("RETURN_WITHOUT_SALE", inst, box.code, event["event_id"])
+        self.truth.stock(inst, box.product["product"], box.product["pack_size"])
+        self.emit(event, inst)
+        # the box stays on the shelf; the ledger now counts one pack more than there is
+
+    def fraud_cancel_unknown(self, inst: str) -> None:
+        event = self.base("settlement_cancel", inst)
+        event["settlement_id"] = self.g._id("SIDX")
+        self.truth.add("RETURN_WITHOUT_SALE", inst, None, event["event_id"])
+        self.emit(event, inst)
+
+    def fraud_phantom(self, inst: str) -> None:
+        """A sale of a box that was never bought, of a product never stocked here."""
+        product = self.never[inst]
+        box = self.g._box(product, inst)
+        event = self.dispense_event(
+            "settlement", inst, [self.line(product, 1, [self.g._scan(box)])], self.g._id("SID")
+        )
+        eid = event["event_id"]
+        self.truth.dispensed_code(inst, box.code, eid, self.t)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.emit(event, inst)
+
+
+def write_dataset(out_dir: str, events: int, seed: int = 7, days: float = 8.0) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    gen = Generator(seed)
+    gen = Generator(seed, days=days)
+    messages, truth, legit = gen.generate(events)
     paths = {
         "catalog": os.path.join(out_dir, "catalog.jsonl"),
         "institutions": os.path.join(out_dir, "institutions.jsonl"),
         "events": os.path.join(out_dir, "events.jsonl"),
+        "truth": os.path.join(out_dir, "truth.json"),
     }
     with open(paths["catalog"], "wb") as fh:
         fh.writelines(orjson.dumps(p) + b"\n" for p in gen.catalog)
     with open(paths["institutions"], "wb") as fh:
         fh.writelines(orjson.dumps(i) + b"\n" for i in gen.institutions)
     with open(paths["events"], "wb") as fh:
-        fh.writelines(line + b"\n" for line in gen.events(events))
+        fh.writelines(line + b"\n" for line in messages)
+    with open(paths["truth"], "wb") as fh:
+        fh.write(
+            orjson.dumps(
+                {"alerts": sorted(truth), "legitimate_repeats": legit}, option=orjson.OPT_INDENT_2
+            )
+        )
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a synthetic catalog and event stream.")
+    parser = argparse.ArgumentParser(
+        description="Write a synthetic catalog, event stream and truth."
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--days", type=float, default=8.0, help="event-time span of the stream")
     args = parser.parse_args(argv)
-    for name, path in write_dataset(args.out_dir, args.events, args.seed).items():
+    for name, path in write_dataset(args.out_dir, args.events, args.seed, args.days).items():
         print(f"{name}: {path}")
     return 0
 

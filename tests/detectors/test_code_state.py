@@ -314,13 +314,26 @@ def test_packed_state_round_trips_and_is_small() -> None:
     raw = stage.pack(state)
     assert stage.unpack(raw) == state
     assert len(raw) < 64
-    pending = {**state, "np": ["H1", "E1", 1.0], "due": 2.0}
-    assert stage.unpack(stage.pack(pending)) == pending
+    pending = {**state, "np": [["H1", "E1", 1704067201.0], ["H2", "E2", 1704067200.0]]}
+    assert stage.unpack(stage.pack(pending)) == {**pending, "due": 1704067200.0 + 72 * 3600}
 
 
 def test_fire_without_pending_check_just_clears_due() -> None:
     stage = CodeStage()
-    state: dict[str, Any] = {A1: {"r": ["P1"], "due": 5.0}}
+    state: dict[str, Any] = {A1: {"r": ["P1"], "np": [], "due": 5.0}}
     out = StageOutput()
     stage.fire(A1, state, 10.0, out)
     assert out.alerts == [] and state[A1] == {"r": ["P1"]}
+
+
+def test_each_institution_without_a_receipt_gets_its_own_check() -> None:
+    """The first seller's late purchase must not clear the second seller's check."""
+    run = Run(grace_hours=1)
+    run.buy(A2, inst="P2")  # P2 records receipts
+    run.settle(A1, inst="P1", hour=0)
+    run.buy(A2, inst="P1", hour=0.1)  # P1 records receipts too (from now on)
+    run.settle(A1, inst="P2", hour=0.5)
+    run.buy(A1, inst="P1", hour=0.6)  # P1's late purchase of the box
+    run.buy("81000010000000000055", inst="P1", hour=3)
+    assert run.rules() == ["CROSS_INSTITUTION_SALE", "NO_PROVENANCE"]
+    assert run.alerts[1].institution == "P2"
