@@ -270,9 +270,9 @@ class CodeStage(BaseStage):
         dispenses.append([inst, dk, record["ev"], ts, units, 0])
         _trim(dispenses)
         pending = entry.setdefault("np", [])
-        if record.get("rc") and inst not in entry.get("r", ()):
-            if not any(p[0] == inst for p in pending):
-                pending.append([inst, record["ev"], ts])
+        unreceived = record.get("rc") and inst not in entry.get("r", ())
+        if unreceived and not any(p[0] == inst for p in pending):
+            pending.append([inst, record["ev"], ts])
         if rule is None:
             return []
         evidence.update({"line_no": record["ln"], "raw": record.get("raw"), "split": split})

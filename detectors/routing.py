@@ -78,7 +78,8 @@ class IngestView:
 
     - `index`: per event (`e|inst|event_id`) and per settlement (`s|inst|settlement_id`), the
       targets its records went to - `["c", code, kind, dispense key]` or
-      `["l", ledger key, type, units, settlement_id]` - so a void or a cancellation can undo them;
+      `["l", ledger key, type, units, second]` (`second`: the second record of a sale and its
+      settlement, which the ledger did not count) - so a void or a cancellation can undo them;
     - `receivers`: institutions that record codes on what they receive (from their first coded
       purchase or transfer in); only their dispenses are checked for NO_PROVENANCE.
     Replay keeps one view for the whole run; a worker loads the entries a batch needs from Redis
@@ -141,8 +142,16 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
     else:
         checked = []
     vkey = verdict_key(event.institution, event.event_id) if event.type == "settlement" else None
+    skey = None
+    if event.settlement_id is not None and event.type in ("sale", "settlement"):
+        skey = settlement_index_key(event.institution, event.settlement_id)
+    # the second of a sale and its settlement: the ledger has counted this dispense already
+    second = skey is not None and skey in view.index
     for cl in checked:
-        out.ledger.append(_line_record(event, cl, vkey))
+        record = _line_record(event, cl, vkey)
+        if second:
+            record["dup"] = 1
+        out.ledger.append(record)
     kind = _CODE_KIND.get(event.type)
     if kind is not None:
         for cl in checked:
@@ -153,13 +162,11 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
             _stock_change_codes(event, _STOCK_CHANGE_KIND[event.reason], view, out)
     targets = [
         *([CODE_TARGET, r["k"], r["t"], r.get("dk")] for r in out.codes),
-        *([LEDGER_TARGET, r["k"], r["t"], r["u"], r.get("sid")] for r in out.ledger),
+        *([LEDGER_TARGET, r["k"], r["t"], r["u"], r.get("dup", 0)] for r in out.ledger),
     ]
     view.remember(event_index_key(event.institution, event.event_id), targets)
-    if event.settlement_id is not None and event.type in ("sale", "settlement"):
-        skey = settlement_index_key(event.institution, event.settlement_id)
-        if skey not in view.index:  # the first of a sale and its settlement stands for both
-            view.remember(skey, targets)
+    if skey is not None and not second:  # the first of a sale and its settlement stands for both
+        view.remember(skey, targets)
     return out
 
 
@@ -252,7 +259,8 @@ def _route_undo(event: Event, targets: list[Any] | None, kind: str, out: Routed)
             out.codes.append(record)
         else:
             record["u"] = target[3]
-            record["sid"] = target[4]
+            if target[4]:
+                record["dup"] = 1
             out.ledger.append(record)
 
 

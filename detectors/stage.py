@@ -66,12 +66,10 @@ class BaseStage:
 
     name = "stage"
 
-    @staticmethod
-    def pack(state: State) -> bytes:
+    def pack(self, state: State) -> bytes:
         return orjson.dumps(state)
 
-    @staticmethod
-    def unpack(raw: bytes) -> State:
+    def unpack(self, raw: bytes) -> State:
         state: State = orjson.loads(raw)
         return state
 

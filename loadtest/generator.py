@@ -117,6 +117,8 @@ class _Truth:
     # dispenses of codes never received where they were dispensed: NO_PROVENANCE once the run's
     # last watermark is past their grace period
     unreceived: list[tuple[str, str, str, int]] = field(default_factory=list)
+    # ledger checks run in event time too: they fire once the watermark passes ts + grace
+    parked: list[tuple[str, str, str, str, int]] = field(default_factory=list)
 
     def add(self, rule: str, inst: str, subject: str | None, event_id: str) -> None:
         self.keys.add(truth_key(rule, inst, subject, event_id))
@@ -134,17 +136,19 @@ class _Truth:
     def stock(self, inst: str, product: str, units: float) -> None:
         self.ledger[f"{inst}|{product}"] += units
 
-    def dispensed_units(self, inst: str, product: str, units: float, event_id: str) -> None:
+    def dispensed_units(
+        self, inst: str, product: str, units: float, event_id: str, ts: float
+    ) -> None:
         key = f"{inst}|{product}"
         before = self.ledger[key]
         self.ledger[key] = before - units
         if before >= -OVERSOLD_TOLERANCE and before - units < -OVERSOLD_TOLERANCE:
-            self.add("OVERSOLD", inst, product, event_id)
+            self.parked.append(("OVERSOLD", inst, product, event_id, int(ts)))
 
-    def counted(self, inst: str, product: str, units: float, event_id: str) -> None:
+    def counted(self, inst: str, product: str, units: float, event_id: str, ts: float) -> None:
         key = f"{inst}|{product}"
         if abs(units - self.ledger[key]) > OVERSOLD_TOLERANCE:
-            self.add("STOCK_COUNT_MISMATCH", inst, product, event_id)
+            self.parked.append(("STOCK_COUNT_MISMATCH", inst, product, event_id, int(ts)))
         self.ledger[key] = units
 
 
@@ -306,6 +310,9 @@ class _Simulation:
         for inst, code, eid, ts in self.truth.unreceived:
             if ts + GRACE_SECONDS <= self.max_ts:  # the run's last watermark passes the grace
                 self.truth.add("NO_PROVENANCE", inst, code, eid)
+        for rule, where, product_code, eid, ts in self.truth.parked:
+            if ts + GRACE_SECONDS <= self.max_ts:
+                self.truth.add(rule, where, product_code, eid)
         return [raw for _, _, raw in self.out], self.truth.keys, dict(self.legit)
 
     def stockable(self, inst: str) -> list[dict[str, Any]]:
@@ -486,7 +493,9 @@ class _Simulation:
         for code in codes or []:
             if code:
                 self.truth.dispensed_code(inst, code, eid, self.t)
-        self.truth.dispensed_units(inst, product["product"], packs * product["pack_size"], eid)
+        self.truth.dispensed_units(
+            inst, product["product"], packs * product["pack_size"], eid, self.t
+        )
         self.emit(event, inst)
         sold_boxes = [b for b, c in zip(boxes or [], codes or [], strict=False) if c == b.code]
         for box in sold_boxes:
@@ -508,7 +517,7 @@ class _Simulation:
         )
         self.truth.dispensed_code(inst, box.code, event["event_id"], self.t)
         self.truth.dispensed_units(
-            inst, product["product"], product["pack_size"], event["event_id"]
+            inst, product["product"], product["pack_size"], event["event_id"], self.t
         )
         self.emit(event, inst)
         self.cash[inst].append(Sold(box, event["event_id"], None, product["pack_size"]))
@@ -530,7 +539,7 @@ class _Simulation:
         event = self.dispense_event("settlement", inst, [line], self.g._id("SID"))
         eid = event["event_id"]
         self.truth.dispensed_code(inst, box.code, eid, self.t)
-        self.truth.dispensed_units(inst, box.product["product"], units, eid)
+        self.truth.dispensed_units(inst, box.product["product"], units, eid, self.t)
         self.legit["split_within_pack"] += 1
         self.emit(event, inst)
         if box.used >= size and rng.random() < self.r.split_overflow:
@@ -539,7 +548,9 @@ class _Simulation:
             line = self.line(box.product, extra, [box.code], unit="unit", split=True)
             event = self.dispense_event("settlement", inst, [line], self.g._id("SID"))
             self.truth.add("SPLIT_OVERFLOW", inst, box.code, event["event_id"])
-            self.truth.dispensed_units(inst, box.product["product"], extra, event["event_id"])
+            self.truth.dispensed_units(
+                inst, box.product["product"], extra, event["event_id"], self.t
+            )
             self.emit(event, inst)
             self.used_up[inst].remove(box)  # one overflow per box
 
@@ -621,7 +632,7 @@ class _Simulation:
             units += self.rng.randint(1, 3) * size  # stock inflated to cover missing boxes
         event = self.base("stock_count", inst)
         event.update(product=name, quantity=units, unit="unit")
-        self.truth.counted(inst, name, units, event["event_id"])
+        self.truth.counted(inst, name, units, event["event_id"], self.t)
         self.emit(event, inst)
 
     # -- frauds with no normal flow around them ----------------------------------------------------
@@ -641,7 +652,7 @@ class _Simulation:
         eid = event["event_id"]
         self.truth.add("CROSS_INSTITUTION_SALE", inst, item.box.code, eid)
         self.truth.dispensed_code(inst, item.box.code, eid, self.t)
-        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
         self.emit(event, inst)
 
     def fraud_double(self, inst: str) -> None:
@@ -657,7 +668,7 @@ class _Simulation:
         eid = event["event_id"]
         self.truth.add("DUPLICATE_SALE", inst, item.box.code, eid)
         self.truth.dispensed_code(inst, item.box.code, eid, self.t)
-        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
         self.emit(event, inst)
 
     def fraud_rws(self, inst: str) -> None:
@@ -692,7 +703,7 @@ class _Simulation:
         )
         eid = event["event_id"]
         self.truth.dispensed_code(inst, box.code, eid, self.t)
-        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid)
+        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
         self.emit(event, inst)
 
 

@@ -61,7 +61,9 @@ class Score:
             f"{sum(self.true_positive.values()) + false_alerts:>8}"
             f"{self.precision():>11.3f}{self.recall():>8.3f}"
         )
-        lines.append(f"false alerts per 10,000 scans: {per_10k:.2f} ({false_alerts} in {scans} scans)")
+        lines.append(
+            f"false alerts per 10,000 scans: {per_10k:.2f} ({false_alerts} in {scans} scans)"
+        )
         return "\n".join(lines)
 
 

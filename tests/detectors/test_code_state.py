@@ -87,7 +87,11 @@ class Run:
         )
 
     def rules(self) -> list[str]:
-        return sorted(a.rule for a in self.alerts)
+        """The code rules raised (these scenarios sell boxes no ledger holds: OVERSOLD is the
+        ledger's business, tested in test_ledger.py)."""
+        return sorted(
+            a.rule for a in self.alerts if a.rule not in ("OVERSOLD", "STOCK_COUNT_MISMATCH")
+        )
 
 
 def _fields(event: Any) -> dict[str, Any]:
@@ -236,7 +240,7 @@ def test_no_provenance_waits_for_the_grace_period_and_a_late_receipt_cancels_it(
     assert run.rules() == []  # grace not over yet
     run.buy("81000020000000000011", hour=73)
     assert run.rules() == ["NO_PROVENANCE"]
-    alert = run.alerts[0]
+    alert = next(a for a in run.alerts if a.rule == "NO_PROVENANCE")
     assert alert.code == A1 and alert.institution == "P1"
     assert alert.evidence["received_by"] == []
 
@@ -336,4 +340,4 @@ def test_each_institution_without_a_receipt_gets_its_own_check() -> None:
     run.buy(A1, inst="P1", hour=0.6)  # P1's late purchase of the box
     run.buy("81000010000000000055", inst="P1", hour=3)
     assert run.rules() == ["CROSS_INSTITUTION_SALE", "NO_PROVENANCE"]
-    assert run.alerts[1].institution == "P2"
+    assert next(a for a in run.alerts if a.rule == "NO_PROVENANCE").institution == "P2"
