@@ -16,8 +16,11 @@ A dispense is keyed by `s:<settlement_id>` when it names a settlement (a `sale` 
 and its settlement is recognised and changes nothing.
 
 How a new dispense at institution X is judged (one rule per scan, the most specific one):
-1. an active (not returned) dispense at another institution -> CROSS_INSTITUTION_SALE: the box is
-   with a patient of that institution, so it came back into trade. A box returned there is back
+1. an active (not returned) dispense at another institution, earlier in event time ->
+   CROSS_INSTITUTION_SALE: the box is with a patient of that institution, so it came back into
+   trade. If the other dispense is the later one (two institutions' events travel in different
+   partitions and can arrive out of order), the alert goes to it instead - raised now, after its
+   settlement's verdict was given; alerts do not depend on arrival order. A box returned there is back
    in its stock; if it then moves to X without a recorded receipt, that is NO_PROVENANCE's case,
    not this one (a legitimate transfer's receipt is often uploaded a day late);
 2. else an active whole-pack dispense at X -> DUPLICATE_SALE for a whole pack, SPLIT_OVERFLOW
@@ -41,7 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from detectors.alerts import make_alert
-from detectors.stage import BaseStage, Record, StageOutput, State
+from detectors.stage import BaseStage, Record, StageOutput, State, Watermarks, lane_of
 
 # record kinds (`t`) on the by-code stream
 RECEIVE = "r"  # purchase, stock_change transfer_in
@@ -202,14 +205,16 @@ class CodeStage(BaseStage):
         self._set_due(entry)
         state[key] = _compact(entry)
 
-    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
+    def fire(
+        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
+    ) -> None:
         """The watermark passed this code's `due`: run the parked NO_PROVENANCE checks that
         are ripe; the others stay parked."""
         entry = _copy(state.get(key))
         grace = round(self.grace)
         waiting = []
         for inst, ev, ts in entry.get("np", ()):
-            if ts + grace > watermark:
+            if ts + grace > watermarks.get(lane_of(inst), float("-inf")):
                 waiting.append([inst, ev, ts])
                 continue
             if inst not in entry.get("r", ()):
@@ -223,8 +228,11 @@ class CodeStage(BaseStage):
                             "dispensed_at": iso(ts),
                             "grace_hours": self.grace / 3600,
                             "checked_after": iso(ts + grace),
-                            "received_by": list(entry.get("r", ())),
-                            "dispenses": _describe(entry.get("d", ())),
+                            # only what every run has seen by now: records up to the due time
+                            "dispenses_until_checked": _describe(
+                                [d for d in entry.get("d", ()) if d[_TS] <= ts + grace],
+                                with_returns=False,
+                            ),
                         },
                         id_facts=(key, ev),
                         code=key,
@@ -242,14 +250,23 @@ class CodeStage(BaseStage):
             return []  # the sale and the settlement of one dispense, whichever came second
         split: bool = record["sp"]
         units: float = record["u"] if split else 0
+        ts = round(record["ts"])  # what the packed form keeps: replay and stream agree
+        new = [inst, dk, record["ev"], ts, units, 0]
         active = [d for d in dispenses if not d[_RET]]
-        elsewhere = [d for d in active if d[_INST] != inst]
         here = [d for d in active if d[_INST] == inst]
+        # Two institutions' events travel in different input partitions, so the resale may be
+        # processed before the first sale. CROSS_INSTITUTION_SALE goes to whichever of the two
+        # is later in event time, whatever the order of arrival.
+        earlier = [d for d in active if d[_INST] != inst and _order(d) < _order(new)]
+        for later in (d for d in active if d[_INST] != inst and _order(d) > _order(new)):
+            if not any(
+                d[_INST] != later[_INST] and _order(d) < _order(later) for d in active
+            ):  # its first sale elsewhere has just arrived: this is its alert, late
+                out.alerts.append(_cross_alert(key, later, [new]))
         rule: str | None = None
         evidence: dict[str, Any] = {}
-        if elsewhere:
+        if earlier:
             rule = "CROSS_INSTITUTION_SALE"
-            evidence = {"earlier_sales": _describe(elsewhere)}
         elif any(not d[_UNITS] for d in here):
             rule = "SPLIT_OVERFLOW" if split else "DUPLICATE_SALE"
             evidence = {"earlier_sales": _describe(here)}
@@ -266,13 +283,15 @@ class CodeStage(BaseStage):
                     "units_now": units,
                     "pack_size": record["ps"],
                 }
-        ts = round(record["ts"])  # what the packed form keeps: replay and stream agree
-        dispenses.append([inst, dk, record["ev"], ts, units, 0])
+        dispenses.append(new)
         _trim(dispenses)
         pending = entry.setdefault("np", [])
         unreceived = record.get("rc") and inst not in entry.get("r", ())
         if unreceived and not any(p[0] == inst for p in pending):
             pending.append([inst, record["ev"], ts])
+        if rule == "CROSS_INSTITUTION_SALE":
+            out.alerts.append(_cross_alert(key, new, earlier))
+            return [rule]
         if rule is None:
             return []
         evidence.update({"line_no": record["ln"], "raw": record.get("raw"), "split": split})
@@ -292,24 +311,49 @@ class CodeStage(BaseStage):
         return [rule]
 
 
+def _order(d: list[Any]) -> tuple[Any, ...]:
+    """Event-time order of dispenses, ties broken so that every process agrees."""
+    return (d[_TS], d[_INST], d[_EV])
+
+
+def _cross_alert(key: str, resale: list[Any], earlier: list[list[Any]]) -> Any:
+    """Built from stored dispenses only, so it is the same whichever sale arrived first."""
+    dk = resale[_DK]
+    return make_alert(
+        "CROSS_INSTITUTION_SALE",
+        institution=resale[_INST],
+        event_ids=_event_ids(_describe(earlier), resale[_EV]),
+        occurred_at=iso(resale[_TS]),
+        evidence={
+            "earlier_sales": _describe(earlier),
+            "resale": _describe([resale])[0],
+        },
+        id_facts=(key, resale[_EV]),
+        code=key,
+        settlement_id=dk[2:] if dk.startswith("s:") else None,
+    )
+
+
 def _event_ids(earlier: list[dict[str, Any]], ev: str) -> list[str]:
     ids = list(dict.fromkeys(d["event_id"] for d in earlier))
     return [*ids, ev] if ev not in ids else ids
 
 
-def _describe(dispenses: Any) -> list[dict[str, Any]]:
+def _describe(dispenses: Any, with_returns: bool = True) -> list[dict[str, Any]]:
     """Earlier sales as an inspector reads them: where, which event, when, how much."""
-    return [
-        {
+    described = []
+    for d in dispenses:
+        item = {
             "institution": d[_INST],
             "event_id": d[_EV],
             "dispense": d[_DK],
             "occurred_at": iso(d[_TS]),
             "units": d[_UNITS] or "whole pack",
-            "returned": bool(d[_RET]),
         }
-        for d in dispenses
-    ]
+        if with_returns:
+            item["returned"] = bool(d[_RET])
+        described.append(item)
+    return described
 
 
 def _copy(entry: State | None) -> State:

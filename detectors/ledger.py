@@ -46,7 +46,7 @@ from typing import Any
 
 from detectors.alerts import make_alert
 from detectors.code_state import CANCEL, VOID, iso
-from detectors.stage import BaseStage, Record, StageOutput, State
+from detectors.stage import BaseStage, Record, StageOutput, State, Watermarks, lane_of
 
 DEFAULT_GRACE_SECONDS = 72 * 3600
 DEFAULT_TOLERANCE_UNITS = 0.5  # covers rounding of fractional packs to units
@@ -156,8 +156,11 @@ class LedgerStage(BaseStage):
 
     # -- checks in event time --------------------------------------------------------------------
 
-    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
+    def fire(
+        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
+    ) -> None:
         entry = _copy(state.get(key))
+        watermark = watermarks.get(lane_of(key.split("|", 1)[0]), float("-inf"))
         ripe = sorted(
             (c for c in entry.get("pend", ()) if c[_TS] + self.grace <= watermark),
             key=lambda c: c[_TS],

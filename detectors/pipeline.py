@@ -4,9 +4,14 @@ The same functions run in the workers: `route` at ingest, then each stage throug
 `apply_records` and `fire_due`; only where state lives and how records travel differ. Here every
 stage has one "partition", so a settlement expects at most one part per stage.
 
-Event time: the watermark is the latest event time seen, but never more than `MAX_CLOCK_SKEW`
-ahead of the processing clock, so one device with a wrong clock cannot fire every parked check.
-A worker computes it the same way per ingest batch and sends it to every stage partition.
+Event time runs per watermark lane: institutions are hashed into `LANES` lanes, and a lane's
+watermark is the latest event time of its institutions' events, but never more than
+`MAX_CLOCK_SKEW` ahead of the processing clock (one device with a wrong clock cannot fire every
+parked check). A check parked for an institution (NO_PROVENANCE, OVERSOLD, a stock count) waits
+for its own lane: an institution's late uploads travel in its own input partition, and a
+partition that lags behind the others (a consumer catching up) must not see its checks fired by
+the others' progress. Ingest computes the lanes' watermarks per batch and sends them to every
+stage partition; replay does the same per event.
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ from detectors.catalog import Catalog
 from detectors.code_state import DEFAULT_GRACE_SECONDS, CodeStage
 from detectors.ledger import LedgerStage
 from detectors.routing import IngestView, Routed, route
-from detectors.stage import Record, Stage, StageOutput, State, apply_records, due_of, fire_due
+from detectors.stage import (
+    Record,
+    Stage,
+    StageOutput,
+    State,
+    Watermarks,
+    apply_records,
+    due_of,
+    fire_due,
+    lane_of,
+)
 from detectors.verdicts import VerdictStage, head_record, part_record
 from topics.records import Alert, Event
 
@@ -31,7 +46,8 @@ MAX_CLOCK_SKEW = 3600.0
 
 
 def partition_of(key: str, partitions: int) -> int:
-    """Stable across processes and Python versions (unlike hash()), cheap, and well spread."""
+    """Stable across processes and Python versions (unlike hash()), cheap, and well spread;
+    the same CRC-32 librdkafka's default partitioner uses for keyed messages."""
     return zlib.crc32(key.encode()) % partitions
 
 
@@ -58,25 +74,27 @@ class MemoryStage:
         self.stage = stage
         self.state: dict[str, State] = {}
         self.applied: set[str] = set()
-        self.watermark = float("-inf")
+        self.watermarks: dict[int, float] = {}
         self._due: list[tuple[float, str]] = []  # heap; stale entries are skipped when popped
 
     def apply(
-        self, records: list[Record], out: StageOutput, watermark: float | None = None
+        self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
     ) -> None:
         apply_records(self.stage, records, self.state, self.applied, out)
         for record in records:
             due = due_of(self.state.get(record["k"]))
             if due is not None:
                 heapq.heappush(self._due, (due, record["k"]))
-        if watermark is not None and watermark > self.watermark:
-            self.watermark = watermark
+        for lane, ts in (watermarks or {}).items():
+            if ts > self.watermarks.get(lane, float("-inf")):
+                self.watermarks[lane] = ts
+        newest = max(self.watermarks.values(), default=float("-inf"))
         ready: list[str] = []
-        while self._due and self._due[0][0] <= self.watermark:
+        while self._due and self._due[0][0] <= newest:
             due, key = heapq.heappop(self._due)
             if due_of(self.state.get(key)) == due:
                 ready.append(key)
-        for key in fire_due(self.stage, ready, self.state, self.watermark, out):
+        for key in fire_due(self.stage, ready, self.state, self.watermarks, out):
             due = due_of(self.state.get(key))
             if due is not None:
                 heapq.heappush(self._due, (due, key))
@@ -98,7 +116,7 @@ class Pipeline:
         self.ledger = MemoryStage(LedgerStage())
         self.codes = MemoryStage(CodeStage(grace_seconds))
         self.verdicts = MemoryStage(VerdictStage())
-        self.watermark = float("-inf")
+        self.watermarks: dict[int, float] = {}
         self._clock = clock
 
     def process(self, event: Event) -> tuple[list[Alert], list[dict[str, Any]]]:
@@ -107,7 +125,10 @@ class Pipeline:
             return [], []
         self.seen.add(event.key)
         routed = route(event, self.catalog, self.view)
-        self.watermark = max(self.watermark, event_watermark(event.occurred_ts, self._clock()))
+        lane = lane_of(event.institution)
+        ts = event_watermark(event.occurred_ts, self._clock())
+        if ts > self.watermarks.get(lane, float("-inf")):
+            self.watermarks[lane] = ts
         alerts = list(routed.alerts)
         records: list[Record] = []
         for stage, stage_records, part in (
@@ -115,7 +136,7 @@ class Pipeline:
             (self.codes, routed.codes, CODE_PART),
         ):
             out = StageOutput()
-            stage.apply(stage_records, out, self.watermark)
+            stage.apply(stage_records, out, self.watermarks)
             alerts.extend(out.alerts)
             records += [part_record(key, f"{part}0", lines) for key, lines in out.parts.items()]
         out = StageOutput()

@@ -9,7 +9,8 @@ both use, so idempotency (skip records already applied) is implemented once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -18,6 +19,16 @@ from topics.records import Alert
 
 Record = dict[str, Any]
 State = dict[str, Any]
+# Event time per watermark lane (`detectors.pipeline.lane_of`): each lane's time advances with
+# its own institutions' events only, so a lagging input partition never fires another's checks.
+Watermarks = Mapping[int, float]
+LANES = 16
+
+
+def lane_of(institution: str) -> int:
+    """The watermark lane of an institution: the input partition it lands in with librdkafka's
+    default partitioner (CRC-32 of the key) and as many partitions as lanes."""
+    return zlib.crc32(institution.encode()) % LANES
 
 
 class StageOutput:
@@ -43,9 +54,12 @@ class Stage(Protocol):
         """Apply one record; read and replace `state[record['k']]` (absent = never seen)."""
         ...
 
-    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
-        """The watermark passed `state[key]['due']`: run the check parked there and replace the
-        state (without `due`, or with a later one). Stages that park nothing never get here."""
+    def fire(
+        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
+    ) -> None:
+        """Event time may have passed `state[key]['due']`: run the parked checks whose lane's
+        watermark passed them and replace the state (`due` moved to the next check, or gone).
+        Stages that park nothing never get here."""
         ...
 
     def pack(self, state: State) -> bytes:
@@ -82,7 +96,9 @@ class BaseStage:
     def unfield(raw: bytes) -> str:
         return raw.decode()
 
-    def fire(self, key: str, state: dict[str, State], watermark: float, out: StageOutput) -> None:
+    def fire(
+        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
+    ) -> None:
         entry = dict(state.get(key) or {})
         entry.pop("due", None)
         state[key] = entry
@@ -97,18 +113,22 @@ def fire_due(
     stage: Stage,
     keys: Iterable[str],
     state: dict[str, State],
-    watermark: float,
+    watermarks: Watermarks,
     out: StageOutput,
 ) -> list[str]:
-    """Fire every key among `keys` whose state is due by `watermark`, oldest due first (ties by
-    key, so replay and stream fire in one order); returns the keys fired."""
+    """Offer every key among `keys` due by the newest lane's watermark to the stage, oldest due
+    first (ties by key, so replay and stream fire in one order); returns the keys offered. The
+    stage runs only the checks whose own lane has passed them."""
+    if not watermarks:
+        return []
+    newest = max(watermarks.values())
     ready = sorted(
         (due, key)
         for key in set(keys)
-        if (due := due_of(state.get(key))) is not None and due <= watermark
+        if (due := due_of(state.get(key))) is not None and due <= newest
     )
     for _due, key in ready:
-        stage.fire(key, state, watermark, out)
+        stage.fire(key, state, watermarks, out)
     return [key for _due, key in ready]
 
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import orjson
 
+from detectors.stage import lane_of
+
 CST = timezone(timedelta(hours=8))
 GRACE_SECONDS = 72 * 3600
 OVERSOLD_TOLERANCE = 0.5  # units; must match the ledger's default
@@ -61,6 +63,16 @@ class Rates:
     false_count: float = 0.2  # of stock counts
     retry: float = 0.03
     malformed: float = 0.003
+
+    def scaled(self, factor: float) -> Rates:
+        """Every fraud rate times `factor` (client habits unchanged): a livelier demo."""
+        habits = {"retry", "malformed", "split_overflow", "false_count"}
+        return Rates(
+            **{
+                name: value if name in habits else value * factor
+                for name, value in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+            }
+        )
 
 
 def truth_key(rule: str, institution: str, subject: str | None, event_id: str) -> str:
@@ -247,7 +259,7 @@ class _Simulation:
         self.t = START.timestamp()
         self.truth = _Truth()
         self.truth.recording = set(gen.recording)
-        self.max_ts = 0
+        self.lane_max: dict[int, int] = {}  # newest event time per watermark lane
         self.out: list[tuple[float, int, bytes]] = []  # (delivery time, seq, message)
         self.shelf: dict[str, dict[str, list[Box]]] = defaultdict(lambda: defaultdict(list))
         self.open_split: dict[str, list[Box]] = defaultdict(list)
@@ -263,7 +275,6 @@ class _Simulation:
 
     def now(self) -> str:
         """Event times are whole seconds: what the detectors keep, so truth and alerts agree."""
-        self.max_ts = max(self.max_ts, int(self.t))
         return datetime.fromtimestamp(int(self.t), CST).isoformat()
 
     def emit(self, event: dict[str, Any], inst: str, batch: bool = False) -> None:
@@ -274,6 +285,8 @@ class _Simulation:
             deliver = datetime(day.year, day.month, day.day, 1, 0, tzinfo=CST).timestamp()
             deliver += self.rng.random() * 60
         raw = orjson.dumps(event)
+        lane = lane_of(inst)
+        self.lane_max[lane] = max(self.lane_max.get(lane, 0), int(self.t))
         self.out.append((deliver, len(self.out), raw))
         self.emitted += 1
         if self.rng.random() < self.r.retry:
@@ -302,16 +315,20 @@ class _Simulation:
                 self.register_legacy(inst, product)
             for product in self.rng.sample(coded, 6):
                 self.purchase(inst, product, realtime=True)
+        start = self.t
         while self.emitted < self.count:
-            self.t += self.rng.expovariate(1 / self.step)
+            # event time keeps pace with the messages written, so the stream spans `days`
+            pace = start + self.span * self.emitted / self.count
+            self.t = max(self.t + self.rng.expovariate(1 / self.step), pace)
             inst = self.rng.choice(insts)
             self.act(inst)
         self.out.sort()
+        # a parked check fires once its institution's watermark lane has passed the grace period
         for inst, code, eid, ts in self.truth.unreceived:
-            if ts + GRACE_SECONDS <= self.max_ts:  # the run's last watermark passes the grace
+            if ts + GRACE_SECONDS <= self.lane_max.get(lane_of(inst), 0):
                 self.truth.add("NO_PROVENANCE", inst, code, eid)
         for rule, where, product_code, eid, ts in self.truth.parked:
-            if ts + GRACE_SECONDS <= self.max_ts:
+            if ts + GRACE_SECONDS <= self.lane_max.get(lane_of(where), 0):
                 self.truth.add(rule, where, product_code, eid)
         return [raw for _, _, raw in self.out], self.truth.keys, dict(self.legit)
 
@@ -707,9 +724,11 @@ class _Simulation:
         self.emit(event, inst)
 
 
-def write_dataset(out_dir: str, events: int, seed: int = 7, days: float = 8.0) -> dict[str, str]:
+def write_dataset(
+    out_dir: str, events: int, seed: int = 7, days: float = 8.0, rates: Rates = Rates()
+) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    gen = Generator(seed, days=days)
+    gen = Generator(seed, days=days, rates=rates)
     messages, truth, legit = gen.generate(events)
     paths = {
         "catalog": os.path.join(out_dir, "catalog.jsonl"),

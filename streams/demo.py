@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -47,11 +48,12 @@ def _format(alert: dict[str, Any]) -> str:
 
 
 def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) -> int:
-    from loadtest.generator import write_dataset
+    from loadtest.generator import Rates, write_dataset
+    from loadtest.score import score
 
     exit_when_done = exit_when_done or os.environ.get("TRACEWATCH_DEMO_EXIT") == "1"
     workdir = tempfile.mkdtemp(prefix="tracewatch-demo-")
-    data = write_dataset(workdir, events, seed)
+    data = write_dataset(workdir, events, seed, rates=Rates().scaled(3))
     with services() as svc:
         print(f"broker: {svc.kafka_bootstrap}{' (embedded)' if svc.kafka_embedded else ''}")
         print(f"redis:  {svc.redis_url}")
@@ -67,6 +69,7 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
             # A Redis we did not start may hold other data: keep ours apart.
             env["TRACEWATCH_REDIS_PREFIX"] = f"twdemo{time.time_ns()}"
         by_rule: collections.Counter[str] = collections.Counter()
+        seen: list[dict[str, Any]] = []
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env)
         try:
             _wait_for_worker(web_port, worker)
@@ -81,6 +84,7 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 svc.kafka_bootstrap, names.ALERTS.name, True, timeout=300, quiet=8.0
             ):
                 alert = orjson.loads(value)
+                seen.append(alert)
                 by_rule[alert["rule"]] += 1
                 print(_format(alert), flush=True)
             print("\nsummary")
@@ -88,6 +92,12 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
             for rule, count in sorted(by_rule.items()):
                 print(f"  {rule:<24} {count}")
             print(f"  alerts total: {sum(by_rule.values())}")
+            truth = orjson.loads(Path(data["truth"]).read_bytes())["alerts"]
+            result = score(seen, truth)
+            print(
+                f"  against the generator's ground truth ({len(truth)} alerts): "
+                f"precision {result.precision():.3f}, recall {result.recall():.3f}"
+            )
             print(f"  metrics: http://127.0.0.1:{web_port}/metrics")
             if not exit_when_done:
                 print("running; Ctrl-C stops the worker, broker and Redis")

@@ -32,7 +32,7 @@ import orjson
 from detectors.catalog import Catalog
 from detectors.pipeline import event_watermark, expected_parts, partition_of
 from detectors.routing import IngestView, route
-from detectors.stage import Record, Stage, StageOutput, apply_records, fire_due
+from detectors.stage import Record, Stage, StageOutput, apply_records, fire_due, lane_of
 from detectors.verdicts import head_record, part_record
 from streams import metrics
 from streams.output import OutputProducer
@@ -63,7 +63,7 @@ class Emitter:
     def __init__(self, producer: OutputProducer) -> None:
         self._producer = producer
         self._packed: dict[tuple[str, int], list[Record]] = defaultdict(list)
-        self._watermarks: dict[str, float] = {}
+        self._watermarks: dict[str, dict[int, float]] = {}
 
     def alerts(self, alerts: list[Alert]) -> None:
         detected = _iso_now()
@@ -81,10 +81,11 @@ class Emitter:
     def record(self, topic: names.TopicSpec, key: str, record: Record) -> None:
         self._packed[(topic.name, partition_of(key, topic.partitions))].append(record)
 
-    def watermark(self, topic: names.TopicSpec, watermark: float) -> None:
-        """Send the watermark to every partition of `topic`, records or not: a partition that
-        gets no records must still see event time pass, or its parked checks never run."""
-        self._watermarks[topic.name] = watermark
+    def watermarks(self, topic: names.TopicSpec, watermarks: dict[int, float]) -> None:
+        """Send the lanes' watermarks to every partition of `topic`, records or not: a
+        partition that gets no records must still see event time pass, or its parked checks
+        never run."""
+        self._watermarks[topic.name] = watermarks
         for p in range(topic.partitions):
             self._packed.setdefault((topic.name, p), [])
 
@@ -108,7 +109,9 @@ class Emitter:
     async def flush(self) -> None:
         for (topic, partition), records in self._packed.items():
             packed = {"w": self._watermarks.get(topic), "r": records}
-            self._producer.produce(topic, orjson.dumps(packed), partition=partition)
+            self._producer.produce(
+                topic, orjson.dumps(packed, option=orjson.OPT_NON_STR_KEYS), partition=partition
+            )
         self._packed.clear()
         self._watermarks.clear()
         await self._producer.flush()
@@ -121,7 +124,7 @@ class IngestProcessor:
         self._producer = producer
         self._store = store
         self._catalog = catalog
-        self._watermark = float("-inf")
+        self._watermarks: dict[int, float] = {}  # per lane, newest event time routed
 
     async def process(self, messages: list[Message]) -> None:
         out = Emitter(self._producer)
@@ -148,7 +151,7 @@ class IngestProcessor:
         )
         catalog = self._catalog()
         saves: list[tuple[int, list[str], IngestView]] = []
-        watermark = self._watermark
+        lanes = self._watermarks
         for p, (seen_flags, index, receivers) in zip(partitions, loaded, strict=True):
             view = IngestView(index, receivers)
             batch_keys: set[str] = set()
@@ -159,16 +162,17 @@ class IngestProcessor:
                 batch_keys.add(event.key)
                 metrics.EVENTS_IN.labels(event.type).inc()
                 metrics.EVENT_LAG.observe(max(0.0, now - event.occurred_ts))
-                watermark = max(watermark, event_watermark(event.occurred_ts, now))
+                lane = lane_of(event.institution)
+                ts = event_watermark(event.occurred_ts, now)
+                if ts > lanes.get(lane, float("-inf")):
+                    if lane in lanes:
+                        metrics.WATERMARK.inc(ts - lanes[lane])
+                    lanes[lane] = ts
                 self._route(event, catalog, view, out)
             saves.append((p, list(batch_keys), view))
-        if watermark > self._watermark:
-            if self._watermark > float("-inf"):
-                metrics.WATERMARK.inc(watermark - self._watermark)
-            self._watermark = watermark
-        if watermark > float("-inf"):
-            out.watermark(names.BY_CODE, watermark)
-            out.watermark(names.BY_LEDGER, watermark)
+        if lanes:
+            out.watermarks(names.BY_CODE, dict(lanes))
+            out.watermarks(names.BY_LEDGER, dict(lanes))
         await out.flush()
         await asyncio.gather(
             *(self._store.save(p, keys, view.added, view.new_receivers) for p, keys, view in saves)
@@ -213,12 +217,14 @@ class StageProcessor:
 
     async def process(self, messages: list[Message]) -> None:
         by_partition: dict[int, list[Record]] = defaultdict(list)
-        offered: dict[int, float] = {}  # the newest watermark each partition was sent
+        offered: dict[int, dict[int, float]] = defaultdict(dict)  # partition -> lane -> time
         for msg in messages:
             packed = orjson.loads(msg.value)
             by_partition[msg.partition].extend(packed["r"])
-            if packed["w"] is not None:
-                offered[msg.partition] = max(packed["w"], offered.get(msg.partition, packed["w"]))
+            lanes = offered[msg.partition]
+            for lane, ts in (packed["w"] or {}).items():
+                if ts > lanes.get(int(lane), float("-inf")):
+                    lanes[int(lane)] = ts
         owned = [p for p in by_partition if p in self.store.generations]
         for p in by_partition.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
@@ -229,13 +235,13 @@ class StageProcessor:
                     p,
                     list(dict.fromkeys(r["k"] for r in by_partition[p])),
                     [r["id"] for r in by_partition[p]],
-                    offered.get(p),
+                    max(offered[p].values(), default=None),
                 )
                 for p in owned
             )
         )
         out = Emitter(self._producer)
-        saves: list[tuple[int, dict[str, Any], list[str], float | None]] = []
+        saves: list[tuple[int, dict[str, Any], list[str], dict[int, float]]] = []
         for p, batch in zip(owned, loaded, strict=True):
             records = by_partition[p]
             result = StageOutput()
@@ -245,13 +251,15 @@ class StageProcessor:
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
             new = set(new_ids)
             touched = {r["k"] for r in records if r["id"] in new}
-            raised = _newer(offered.get(p), batch.watermark)
-            watermark = raised if raised is not None else batch.watermark
-            fired: list[str] = []
-            if watermark is not None:
-                fired = fire_due(self.stage, [*batch.due, *touched], state, watermark, result)
-                metrics.FIRED.labels(self.stage.name).inc(len(fired))
-            if not new_ids and not fired and raised is None and not batch.due:
+            raised = {
+                lane: ts
+                for lane, ts in offered[p].items()
+                if ts > batch.watermarks.get(lane, float("-inf"))
+            }
+            watermarks = {**batch.watermarks, **raised}
+            fired = fire_due(self.stage, [*batch.due, *touched], state, watermarks, result)
+            metrics.FIRED.labels(self.stage.name).inc(len(fired))
+            if not new_ids and not fired and not raised and not batch.due:
                 continue
             out.alerts(result.alerts)
             out.verdicts(result.verdicts)
@@ -274,13 +282,6 @@ class StageProcessor:
             elif isinstance(outcome, BaseException):
                 raise outcome
         _observe_latency(self.stage.name, messages)
-
-
-def _newer(offered: float | None, stored: float | None) -> float | None:
-    """The offered watermark if it moves the stored one forward, else None."""
-    if offered is None or (stored is not None and offered <= stored):
-        return None
-    return offered
 
 
 def _observe_latency(stage: str, messages: list[Message]) -> None:

@@ -6,7 +6,7 @@ Cluster slot):
     {prefix}:{<S><p>}:gen          partition generation (INCR by each new owner)
     {prefix}:{<S><p>}:s:<bucket>   hash: state key (stage's `field`) -> state (stage's `pack`)
     {prefix}:{<S><p>}:ap:<day>     set: record ids applied that day (TTL = applied window)
-    {prefix}:{<S><p>}:wm           the partition's watermark (event time, seconds)
+    {prefix}:{<S><p>}:wm           hash: watermark lane -> event time (seconds) seen there
     {prefix}:{<S><p>}:due          sorted set: `<bucket>|<field>` by the event time it waits for
     {prefix}:{E<p>}:seen:<day>     set: `institution|event_id` seen at ingest (TTL = ingest window)
     {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
@@ -33,10 +33,10 @@ from detectors.stage import State
 
 _DAY = 86400
 
-# KEYS: applied day sets (n_sets), one bucket hash per field, the watermark, the due index.
-# ARGV: n_sets, n_ids, ids..., fields..., candidate watermark ('' = none), due limit, key base.
-# Returns: applied flags (n_ids), field values (false when absent), the stored watermark, then
-# (member, value) pairs for the keys due by max(stored, candidate) watermark.
+# KEYS: applied day sets (n_sets), one bucket hash per field, the watermarks hash, the due index.
+# ARGV: n_sets, n_ids, ids..., fields..., newest offered watermark ('' = none), due limit, base.
+# Returns: applied flags (n_ids), field values (false when absent), the stored watermarks as a
+# flat lane/value list, then (member, value) pairs for the keys due by the newest watermark.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
 local n_ids = tonumber(ARGV[2])
@@ -55,9 +55,13 @@ for j = 1, n_fields do
   out[n_ids + j] = redis.call('HGET', KEYS[n_sets + j], ARGV[base + j])
 end
 local a = base + n_fields
-local stored = redis.call('GET', KEYS[#KEYS - 1])
+local stored = redis.call('HGETALL', KEYS[#KEYS - 1])
 out[#out + 1] = stored
-local w = tonumber(stored)
+local w = nil
+for i = 2, #stored, 2 do
+  local v = tonumber(stored[i])
+  if w == nil or v > w then w = v end
+end
 local cand = tonumber(ARGV[a + 1])
 if cand ~= nil and (w == nil or cand > w) then w = cand end
 if w ~= nil then
@@ -71,20 +75,21 @@ end
 return out
 """
 
-# KEYS: gen key, today's applied set, watermark, due index, then one bucket hash per field.
-# ARGV: generation, ttl, n_ids, ids..., watermark ('' = unchanged), then per field
+# KEYS: gen key, today's applied set, watermarks hash, due index, then one bucket hash per field.
+# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, watermark) pairs, then per field
 # (field, value ('' = delete), due-index member, due ('' = not due)).
 _SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
 for i = 1, n_ids do redis.call('SADD', KEYS[2], ARGV[3 + i]) end
 if n_ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-local w = ARGV[4 + n_ids]
-if w ~= '' then
-  local stored = tonumber(redis.call('GET', KEYS[3]))
-  if stored == nil or tonumber(w) > stored then redis.call('SET', KEYS[3], w) end
+local n_lanes = tonumber(ARGV[4 + n_ids])
+for i = 1, n_lanes do
+  local lane, w = ARGV[3 + n_ids + 2 * i], ARGV[4 + n_ids + 2 * i]
+  local stored = tonumber(redis.call('HGET', KEYS[3], lane))
+  if stored == nil or tonumber(w) > stored then redis.call('HSET', KEYS[3], lane, w) end
 end
-local base = 4 + n_ids
+local base = 4 + n_ids + 2 * n_lanes
 for j = 5, #KEYS do
   local at = base + 4 * (j - 5)
   local f, v, member, due = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
@@ -228,14 +233,18 @@ class Codec(Protocol):
 class Loaded:
     """One partition's batch state as `StageStore.load` found it."""
 
-    __slots__ = ("applied", "due", "state", "watermark")
+    __slots__ = ("applied", "due", "state", "watermarks")
 
     def __init__(
-        self, state: dict[str, State], applied: set[str], watermark: float | None, due: list[str]
+        self,
+        state: dict[str, State],
+        applied: set[str],
+        watermarks: dict[int, float],
+        due: list[str],
     ) -> None:
         self.state = state
         self.applied = applied
-        self.watermark = watermark
+        self.watermarks = watermarks
         self.due = due
 
 
@@ -297,9 +306,10 @@ class StageStore:
         partition: int,
         keys: Sequence[str],
         ids: Sequence[str],
-        watermark: float | None = None,
+        newest: float | None = None,
     ) -> Loaded:
-        """States of `keys`, which `ids` are applied, and the keys due by the watermark."""
+        """States of `keys`, which `ids` are applied, the partition's watermarks, and the keys
+        due by the newest watermark (stored or `newest`, the newest offered)."""
         base = self._base(partition)
         applied_keys = self._applied_keys(partition)
         redis_keys = [
@@ -310,7 +320,7 @@ class StageStore:
         ]
         args: list[Any] = [len(applied_keys), len(ids), *ids]
         args += [self._codec.field(k) for k in keys]
-        args += ["" if watermark is None else repr(watermark), self._due_limit, base]
+        args += ["" if newest is None else repr(newest), self._due_limit, base]
         reply = await self._load(keys=redis_keys, args=args)
         n_ids, n_keys = len(ids), len(keys)
         applied = {rid for rid, flag in zip(ids, reply[:n_ids], strict=True) if flag}
@@ -320,7 +330,8 @@ class StageStore:
             for key, raw in zip(keys, reply[n_ids : n_ids + n_keys], strict=True)
             if raw is not None
         }
-        stored = reply[n_ids + n_keys]
+        flat = reply[n_ids + n_keys]
+        watermarks = {int(lane): float(ts) for lane, ts in zip(flat[::2], flat[1::2], strict=True)}
         due: list[str] = []
         rest = reply[n_ids + n_keys + 1 :]
         for member, raw in zip(rest[::2], rest[1::2], strict=True):
@@ -328,22 +339,27 @@ class StageStore:
             due.append(key)
             if raw is not None and key not in state:
                 state[key] = unpack(raw)
-        return Loaded(state, applied, None if stored is None else float(stored), due)
+        return Loaded(state, applied, watermarks, due)
 
     async def save(
         self,
         partition: int,
         state: dict[str, State],
         ids: Sequence[str],
-        watermark: float | None = None,
+        watermarks: dict[int, float] | None = None,
     ) -> None:
+        """Write states, applied ids and raised watermarks - if this worker still owns the
+        partition."""
         gen = self.generations.get(partition)
         if gen is None:
             raise PartitionLost(f"{self.tag}{partition} is not owned by this worker")
         base = self._base(partition)
         redis_keys = [f"{base}:gen", self._applied_keys(partition)[0], f"{base}:wm", f"{base}:due"]
         args: list[Any] = [gen, self._applied_days * _DAY, len(ids), *ids]
-        args.append("" if watermark is None else repr(watermark))
+        lanes = watermarks or {}
+        args.append(len(lanes))
+        for lane, ts in lanes.items():
+            args += [lane, repr(ts)]
         for key, value in state.items():
             bucket = self._bucket_no(key)
             field = self._codec.field(key)

@@ -232,7 +232,7 @@ def test_replayed_split_sale_does_not_count_twice() -> None:
 def test_no_provenance_waits_for_the_grace_period_and_a_late_receipt_cancels_it() -> None:
     run = Run(grace_hours=72)
     run.buy("81000020000000000009", inst="P1")  # P1 records codes on receipt
-    run.settle(A1, hour=0)  # never received
+    sale = run.settle(A1, hour=0)  # never received
     run.settle(A2, hour=0)
     run.buy(A2, hour=50)  # late purchase upload, within grace
     assert run.rules() == []
@@ -242,7 +242,8 @@ def test_no_provenance_waits_for_the_grace_period_and_a_late_receipt_cancels_it(
     assert run.rules() == ["NO_PROVENANCE"]
     alert = next(a for a in run.alerts if a.rule == "NO_PROVENANCE")
     assert alert.code == A1 and alert.institution == "P1"
-    assert alert.evidence["received_by"] == []
+    assert alert.event_ids == [sale]
+    assert [d["event_id"] for d in alert.evidence["dispenses_until_checked"]] == [sale]
 
 
 def test_no_provenance_only_for_institutions_that_record_receipts() -> None:
@@ -339,5 +340,40 @@ def test_each_institution_without_a_receipt_gets_its_own_check() -> None:
     run.settle(A1, inst="P2", hour=0.5)
     run.buy(A1, inst="P1", hour=0.6)  # P1's late purchase of the box
     run.buy("81000010000000000055", inst="P1", hour=3)
+    assert run.rules() == ["CROSS_INSTITUTION_SALE"]  # P2's own event time has not moved
+    run.buy("81000010000000000056", inst="P2", hour=3)
     assert run.rules() == ["CROSS_INSTITUTION_SALE", "NO_PROVENANCE"]
     assert next(a for a in run.alerts if a.rule == "NO_PROVENANCE").institution == "P2"
+
+
+def test_cross_institution_alert_does_not_depend_on_arrival_order() -> None:
+    """Two institutions' events travel in different partitions: the resale may come first."""
+
+    def alerts(order: list[str]) -> list[dict[str, Any]]:
+        run = Run()
+        run.buy(A1, inst="P1")
+        run.buy(A2, inst="P2")
+        steps = {
+            "first": lambda: run.settle(A1, inst="P1", hour=1, event_id="FIRST", sid="S1"),
+            "resale": lambda: run.settle(A1, inst="P2", hour=30, event_id="RESALE", sid="S2"),
+        }
+        for name in order:
+            steps[name]()
+        return [a.to_dict() for a in run.alerts if a.rule == "CROSS_INSTITUTION_SALE"]
+
+    in_order = alerts(["first", "resale"])
+    assert len(in_order) == 1
+    assert in_order[0]["institution"] == "P2" and in_order[0]["event_ids"] == ["FIRST", "RESALE"]
+    assert alerts(["resale", "first"]) == in_order
+
+
+def test_a_lagging_institution_is_not_judged_by_the_others_event_time() -> None:
+    """Each lane of institutions has its own watermark: P1's backlog (its purchase still to
+    come) is not cut short by P2's events running days ahead."""
+    run = Run(grace_hours=1)
+    run.buy(A2, inst="P1")
+    run.settle(A1, inst="P1", hour=0)
+    run.buy("81000010000000000066", inst="P2", hour=100)  # another lane, far ahead
+    run.buy(A1, inst="P1", hour=0.5)  # P1's late purchase arrives after that
+    run.buy("81000010000000000067", inst="P1", hour=5)
+    assert run.rules() == []

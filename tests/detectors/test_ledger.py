@@ -53,7 +53,7 @@ class Ledger:
         return self.send("stock_count", hour, product="XA001", quantity=units, unit="unit")
 
     def tick(self, hour: float) -> None:
-        """Another institution's event: moves the watermark only."""
+        """A count of another product: moves P1's watermark lane only."""
         self._n += 1
         stamp = f"2026-03-{2 + int(hour) // 24:02d}T{int(hour) % 24:02d}:00:00+00:00"
         alerts, _ = self.pipeline.process(
@@ -61,7 +61,7 @@ class Ledger:
                 {
                     "event_id": f"T{self._n}",
                     "type": "stock_count",
-                    "institution": "OTHER",
+                    "institution": "P1",
                     "occurred_at": stamp,
                     "product": "X",
                     "quantity": 0,

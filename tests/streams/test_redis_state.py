@@ -36,7 +36,7 @@ def test_state_round_trip_and_applied_ids(svc: Services, redis_prefix: str) -> N
         )
         await store.acquire([3])
         batch = await store.load(3, ["a", "b"], ["r1", "r2"])
-        assert batch.state == {} and batch.applied == set() and batch.watermark is None
+        assert batch.state == {} and batch.applied == set() and batch.watermarks == {}
         await store.save(3, {"a": {"legacy": 5}, "b": {"legacy": 1}}, ["r1"])
         batch = await store.load(3, ["a", "b", "c"], ["r1", "r2"])
         assert batch.state == {"a": {"legacy": 5}, "b": {"legacy": 1}}
@@ -79,15 +79,17 @@ def test_watermark_and_due_index(svc: Services, redis_prefix: str) -> None:
             code: {"r": ["P1"], "np": ["P2", f"E{i}", 1772409600.0], "due": 1772409600.0 + i}
             for i, code in enumerate(codes)
         }
-        await store.save(2, parked, ["r1"], watermark=1772409000.0)
-        batch = await store.load(2, [], [], watermark=1772409000.0 + 600 + 49)
-        assert batch.watermark == 1772409000.0
+        await store.save(2, parked, ["r1"], watermarks={3: 1772409000.0, 5: 1772400000.0})
+        batch = await store.load(2, [], [], newest=1772409000.0 + 600 + 49)
+        assert batch.watermarks == {3: 1772409000.0, 5: 1772400000.0}
         assert sorted(batch.due) == sorted(codes[:50])
         assert all(batch.state[c] == parked[c] for c in codes[:50])
-        # the watermark only rises, and a state without `due` leaves the index
-        await store.save(2, {c: {"r": ["P1"]} for c in codes[:50]}, [], watermark=1.0)
-        batch = await store.load(2, [], [], watermark=1772409600.0 + 1000)
-        assert batch.watermark == 1772409000.0
+        # a lane's watermark only rises, and a state without `due` leaves the index
+        await store.save(
+            2, {c: {"r": ["P1"]} for c in codes[:50]}, [], watermarks={3: 1.0, 5: 1772400001.0}
+        )
+        batch = await store.load(2, [], [], newest=1772409600.0 + 1000)
+        assert batch.watermarks == {3: 1772409000.0, 5: 1772400001.0}
         assert sorted(batch.due) == sorted(codes[50:])
 
     with_redis(svc, body)
