@@ -342,7 +342,7 @@ def _event_ids(earlier: list[dict[str, Any]], ev: str) -> list[str]:
 def _describe(dispenses: Any, with_returns: bool = True) -> list[dict[str, Any]]:
     """Earlier sales as an inspector reads them: where, which event, when, how much."""
     described = []
-    for d in dispenses:
+    for d in sorted(dispenses, key=_order):  # event time, not arrival order: every run agrees
         item = {
             "institution": d[_INST],
             "event_id": d[_EV],
