@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check demo-data clean
+.PHONY: run test loadtest bench lint typecheck check demo-data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# A generated stream with ground truth through replay and the streaming pipeline, scored.
+loadtest: $(STAMP)
+	$(PY) -m streams.cli loadtest --events $(or $(EVENTS),20000)
+
+# Throughput, latency, state size and memory, measured together; figures go to loadtest/RESULTS.md.
+bench: $(STAMP)
+	$(PY) -m loadtest.bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,10 @@ State per normalised code, what a box goes through:
   `purchase_return` or `transfer_out` removes the institution);
 - `d`: its dispenses, oldest first, each `[institution, dispense key, event_id, ts, units,
   returned]` - `units` is 0 for a whole pack, the smallest units taken for a split (拆零)
-  dispense; `returned` is 1 once a `sale_return`/`settlement_cancel` undid it;
+  dispense; `returned` is the event time of the `sale_return`/`settlement_cancel` that undid
+  it (0 while it stands);
+- `xc`: cross-institution checks parked for dispenses by an institution that holds a receipt
+  of the box (see rule 1);
 - `np`: NO_PROVENANCE checks waiting for their grace period (event time) to pass, one per
   institution that dispensed the code without holding a receipt of it; `due` is when the oldest
   is ripe.
@@ -134,12 +137,13 @@ class CodeStage(BaseStage):
                         ev,
                         _b36(ts),
                         _num(units),
-                        "1" if returned else "",
+                        _b36(returned) if returned else "",
                     )
                 )
             )
-        for inst, ev, ts in state.get("np", ()):
-            sections.append("?" + _US.join((inst, ev, _b36(ts))))
+        for mark, name in (("?", "np"), ("!", "xc")):
+            for inst, ev, ts in state.get(name, ()):
+                sections.append(mark + _US.join((inst, ev, _b36(ts))))
         return _RS.join(sections).encode()
 
     def unpack(self, raw: bytes) -> State:
@@ -151,9 +155,10 @@ class CodeStage(BaseStage):
         home = receivers[0] if receivers else ""
         dispenses: list[list[Any]] = []
         for section in sections:
-            if section.startswith("?"):
+            if section[:1] in ("?", "!"):
                 inst, ev, ts = section[1:].split(_US)
-                state.setdefault("np", []).append([inst, ev, _unb36(ts)])
+                name = "np" if section[0] == "?" else "xc"
+                state.setdefault(name, []).append([inst, ev, _unb36(ts)])
                 continue
             inst, dk, ev, ts, units, returned = section.split(_US)
             if not dk:
@@ -163,7 +168,14 @@ class CodeStage(BaseStage):
             else:
                 dk = f"s:{dk}"
             dispenses.append(
-                [inst or home, dk, ev, _unb36(ts), float(units) if units else 0, int(returned or 0)]
+                [
+                    inst or home,
+                    dk,
+                    ev,
+                    _unb36(ts),
+                    float(units) if units else 0,
+                    _unb36(returned) if returned else 0,
+                ]
             )
         if dispenses:
             state["d"] = dispenses
@@ -172,11 +184,13 @@ class CodeStage(BaseStage):
 
     def _set_due(self, entry: State) -> None:
         """`due` is when the oldest parked check is ripe; the store indexes keys by it."""
-        pending = entry.get("np")
+        pending = [*entry.get("np", ()), *entry.get("xc", ())]
+        for name in ("np", "xc"):
+            if not entry.get(name):
+                entry.pop(name, None)
         if pending:
             entry["due"] = min(p[2] for p in pending) + round(self.grace)
         else:
-            entry.pop("np", None)
             entry.pop("due", None)
 
     # -- records ---------------------------------------------------------------------------------
@@ -194,12 +208,12 @@ class CodeStage(BaseStage):
         elif kind == LEAVE:
             _leave(entry, record["inst"])
         elif kind == RETURN:
-            if not _undo(entry, record["inst"], None):
+            if not _undo(entry, record["inst"], None, record["ts"]):
                 out.alerts.append(_return_without_sale(key, entry, record))
         elif kind == CANCEL:
             # Ingest resolved the settlement to this code, so the dispense is here unless a
             # void removed it; the settlement-level RETURN_WITHOUT_SALE is ingest's to raise.
-            _undo(entry, record["inst"], record["dk"])
+            _undo(entry, record["inst"], record["dk"], record["ts"])
         elif kind == VOID:
             _void(entry, record)
         self._set_due(entry)
@@ -239,6 +253,23 @@ class CodeStage(BaseStage):
                     )
                 )
         entry["np"] = waiting
+        parked = []
+        for inst, ev, ts in entry.get("xc", ()):
+            sale = next((d for d in entry.get("d", ()) if d[_INST] == inst and d[_EV] == ev), None)
+            if sale is None:
+                continue  # voided meanwhile
+            # with it now: dispenses elsewhere standing at its time (not returned before it)
+            standing = [
+                d
+                for d in entry.get("d", ())
+                if d[_INST] != inst and _order(d) < _order(sale) and not 0 < d[_RET] <= ts
+            ]
+            lanes = {lane_of(d[_INST]) for d in standing} | {lane_of(inst)}
+            if any(ts + grace > watermarks.get(lane, float("-inf")) for lane in lanes):
+                parked.append([inst, ev, ts])
+            elif standing:
+                out.alerts.append(_cross_alert(key, sale, standing))
+        entry["xc"] = parked
         self._set_due(entry)
         state[key] = _compact(entry)
 
@@ -257,14 +288,23 @@ class CodeStage(BaseStage):
         # Two institutions' events travel in different input partitions, so the resale may be
         # processed before the first sale. CROSS_INSTITUTION_SALE goes to whichever of the two
         # is later in event time, whatever the order of arrival.
+        receivers = entry.get("r", ())
         earlier = [d for d in active if d[_INST] != inst and _order(d) < _order(new)]
         for later in (d for d in active if d[_INST] != inst and _order(d) > _order(new)):
+            if later[_INST] in receivers:
+                continue  # its check is parked (below) and will see this sale
             if not any(
                 d[_INST] != later[_INST] and _order(d) < _order(later) for d in active
             ):  # its first sale elsewhere has just arrived: this is its alert, late
                 out.alerts.append(_cross_alert(key, later, [new]))
         rule: str | None = None
         evidence: dict[str, Any] = {}
+        if earlier and inst in receivers:
+            # The box reached this institution through a recorded receipt (a transfer, a
+            # purchase): the earlier sale may have been returned in an upload still to come
+            # (returns travel in daily batches). Decide once event time has passed.
+            entry.setdefault("xc", []).append([inst, record["ev"], ts])
+            earlier = []
         if earlier:
             rule = "CROSS_INSTITUTION_SALE"
         elif any(not d[_UNITS] for d in here):
@@ -364,8 +404,9 @@ def _copy(entry: State | None) -> State:
         copied["r"] = list(copied["r"])
     if "d" in copied:
         copied["d"] = [list(d) for d in copied["d"]]
-    if "np" in copied:
-        copied["np"] = [list(p) for p in copied["np"]]
+    for name in ("np", "xc"):
+        if name in copied:
+            copied[name] = [list(p) for p in copied[name]]
     return copied
 
 
@@ -393,11 +434,11 @@ def _leave(entry: State, inst: str) -> None:
         receivers.remove(inst)
 
 
-def _undo(entry: State, inst: str, dk: str | None) -> bool:
-    """Mark the latest active dispense at `inst` (with key `dk`, if given) returned."""
+def _undo(entry: State, inst: str, dk: str | None, ts: float) -> bool:
+    """Mark the latest active dispense at `inst` (with key `dk`, if given) returned at `ts`."""
     for d in reversed(entry.get("d", ())):
         if d[_INST] == inst and not d[_RET] and (dk is None or d[_DK] == dk):
-            d[_RET] = 1
+            d[_RET] = max(1, round(ts))
             return True
     return False
 

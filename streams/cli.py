@@ -202,6 +202,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(events=args.events, seed=args.seed)
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.generator import Rates
+    from loadtest.run import run_loadtest
+
+    result = run_loadtest(
+        args.events,
+        args.seed,
+        stream=not args.replay_only,
+        workdir=args.dir,
+        rates=Rates().scaled(args.fraud_scale),
+        progress=True,
+    )
+    print(result.report())
+    perfect = result.replay.precision() == result.replay.recall() == 1.0
+    if result.stream is not None:
+        perfect = perfect and result.stream.precision() == result.stream.recall() == 1.0
+    return 0 if perfect else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracewatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="publish a catalog JSONL to the workers (Redis and topic)")
     p.add_argument("file")
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser(
+        "loadtest", help="generated stream with ground truth: score replay and stream"
+    )
+    p.add_argument("--events", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--fraud-scale", type=float, default=1.0, help="multiply every fraud rate")
+    p.add_argument("--replay-only", action="store_true", help="skip the streaming run")
+    p.add_argument("--dir", help="where to write the dataset (default: a temporary folder)")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("demo", help="embedded broker + Redis + worker + demo stream (make run)")
     p.add_argument("--events", type=int, default=3000)

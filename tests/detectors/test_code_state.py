@@ -377,3 +377,55 @@ def test_a_lagging_institution_is_not_judged_by_the_others_event_time() -> None:
     run.buy(A1, inst="P1", hour=0.5)  # P1's late purchase arrives after that
     run.buy("81000010000000000067", inst="P1", hour=5)
     assert run.rules() == []
+
+
+def test_transferred_box_waits_for_a_late_return_before_cross_institution() -> None:
+    """Sold at P1, returned there (uploaded a day late), transferred to P2, sold at P2."""
+    run = Run(grace_hours=24)
+    run.buy(A1, inst="P1")
+    run.settle(A1, inst="P1", hour=1)
+    run.send(
+        "stock_change",
+        inst="P1",
+        hour=3,
+        product="XA001",
+        quantity=-1,
+        reason="transfer_out",
+        codes=[A1],
+    )
+    run.send(
+        "stock_change",
+        inst="P2",
+        hour=4,
+        product="XA001",
+        quantity=1,
+        reason="transfer_in",
+        codes=[A1],
+    )
+    run.settle(A1, inst="P2", hour=5)
+    assert run.rules() == []  # parked: P2 holds a receipt of the box
+    run.lines("sale_return", [A1], inst="P1", hour=2)  # P1's daily batch
+    for inst in ("P1", "P2"):
+        run.buy("81000010000000000090", inst=inst, hour=40)
+    assert run.rules() == []
+
+
+def test_transferred_box_never_returned_is_cross_institution_after_grace() -> None:
+    run = Run(grace_hours=24)
+    run.buy(A1, inst="P1")
+    first = run.settle(A1, inst="P1", hour=1)
+    run.send(
+        "stock_change",
+        inst="P2",
+        hour=4,
+        product="XA001",
+        quantity=1,
+        reason="transfer_in",
+        codes=[A1],
+    )
+    resale = run.settle(A1, inst="P2", hour=5)
+    run.buy("81000010000000000091", inst="P2", hour=40)
+    assert run.rules() == []  # P1's lane has not passed the grace yet
+    run.buy("81000010000000000092", inst="P1", hour=40)
+    assert run.rules() == ["CROSS_INSTITUTION_SALE"]
+    assert run.alerts[-1].event_ids == [first, resale]
