@@ -185,6 +185,18 @@ def build_app(settings: Settings) -> faust.App:
         except Exception as exc:  # Redis briefly away: keep the catalog we have
             log.warning("catalog refresh failed: %r", exc)
 
+    @app.page("/ledger")
+    async def ledger_page(web: Any, request: Any) -> Any:
+        from streams.ledger_view import ledger_figures
+
+        institution = request.query.get("institution")
+        if not institution:
+            return web.json({"error": "add ?institution=CODE (and &product=CODE)"}, status=400)
+        figures = await ledger_figures(
+            redis_client, settings, institution, request.query.get("product")
+        )
+        return web.json({"institution": institution, "ledgers": figures})
+
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
         # aiohttp refuses a charset inside content_type; the exposition format is ASCII anyway.

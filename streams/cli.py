@@ -202,6 +202,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(events=args.events, seed=args.seed)
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from streams.ledger_view import ledger_figures
+
+    settings = Settings()
+
+    async def read() -> list[dict[str, Any]]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await ledger_figures(client, settings, args.institution, args.product)
+        finally:
+            await client.aclose()
+
+    figures = asyncio.run(read())
+    if not figures:
+        print(
+            f"tracewatch: no ledger for {args.institution}"
+            + (f" and {args.product}" if args.product else "")
+            + " in Redis (is REDIS_URL / TRACEWATCH_REDIS_PREFIX the worker's?)",
+            file=sys.stderr,
+        )
+        return 1
+    for figure in figures:
+        sys.stdout.buffer.write(orjson.dumps(figure) + b"\n")
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.generator import Rates
     from loadtest.run import run_loadtest
@@ -258,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="publish a catalog JSONL to the workers (Redis and topic)")
     p.add_argument("file")
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("ledger", help="an institution's 进销存 figures per product (from Redis)")
+    p.add_argument("institution")
+    p.add_argument("product", nargs="?")
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser(
         "loadtest", help="generated stream with ground truth: score replay and stream"

@@ -374,3 +374,24 @@ class StageStore:
         if not await self._save(keys=redis_keys, args=args):
             self.generations.pop(partition, None)
             raise PartitionLost(f"{self.tag}{partition} was taken over by another worker")
+
+
+async def read_states(
+    client: aioredis.Redis,
+    prefix: str,
+    tag: str,
+    buckets: int,
+    partitions: int,
+    keys: Sequence[str],
+    codec: Codec,
+) -> dict[str, State]:
+    """Read states without owning their partitions (read models, the ledger API): one pipelined
+    round trip, never a write."""
+    from detectors.pipeline import partition_of
+
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        base = f"{prefix}:{{{tag}{partition_of(key, partitions)}}}"
+        pipe.hget(f"{base}:s:{zlib.crc32(key.encode()) % buckets}", codec.field(key))
+    values = await pipe.execute()
+    return {key: codec.unpack(raw) for key, raw in zip(keys, values, strict=True) if raw}

@@ -75,7 +75,10 @@ class WorkerProcess:
         raise AssertionError("worker did not come up within 60 s")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+        return self.get("/metrics")
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
             return str(r.read().decode())
 
     def kill(self) -> None:

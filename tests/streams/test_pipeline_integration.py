@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from detectors.catalog import load_catalog
+from detectors.ledger import describe
 from detectors.pipeline import Pipeline
 from loadtest.generator import Rates, write_dataset
 from streams.services import Services
@@ -27,8 +28,10 @@ from topics.records import InvalidEvent, parse_event
 pytestmark = pytest.mark.integration
 
 
-def replay(data: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], int]:
-    pipeline = Pipeline(load_catalog(data["catalog"]))
+def replay(
+    data: dict[str, str], pipeline: Pipeline | None = None
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], int]:
+    pipeline = pipeline or Pipeline(load_catalog(data["catalog"]))
     alerts: dict[str, dict[str, Any]] = {}
     verdicts: list[dict[str, Any]] = []
     dead = 0
@@ -157,7 +160,8 @@ def _without_time(alerts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) -> None:
     pipe = Pipe(svc, redis_prefix, tmp_path, events=800, seed=11)
-    expected, verdicts, dead = replay(pipe.data)
+    replayed = Pipeline(load_catalog(pipe.data["catalog"]))
+    expected, verdicts, dead = replay(pipe.data, replayed)
     assert expected and dead, "the generated stream must exercise alerts and dead letters"
     worker = pipe.worker()
     try:
@@ -167,8 +171,24 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
             svc.kafka_bootstrap, pipe.topic("dead-letters"), lambda v: len(v) >= dead, timeout=30
         )
         metrics = worker.metrics()
+        ledger_page = orjson.loads(worker.get("/ledger?institution=P00001"))
+        cli = subprocess.run(
+            [sys.executable, "-m", "streams.cli", "ledger", "P00001"],
+            env=worker.env,
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
     finally:
         worker.stop()
+    # the read API shows what replay's ledger holds for the institution
+    want = [
+        describe(key, state)
+        for key, state in sorted(replayed.ledger.state.items())
+        if key.startswith("P00001|")
+    ]
+    assert want and ledger_page["ledgers"] == want
+    assert [orjson.loads(line) for line in cli.stdout.splitlines()] == want
     assert _distinct(got) == _without_time(expected)
     assert len(got_verdicts) == len(verdicts), "one verdict per settlement"
     assert_same_verdicts(got_verdicts, verdicts)

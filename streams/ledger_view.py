@@ -1,0 +1,43 @@
+"""The inspector's view of the 进销存 ledger: per institution and product, expected stock, units
+dispensed without any recorded purchase, the last count. Served by the worker
+(`GET /ledger?institution=...&product=...`) and by `tracewatch ledger INSTITUTION [PRODUCT]`.
+
+Reads Redis directly - the stage's own state, never a copy - so it is as fresh as the last batch.
+Without a product it looks up every catalog product of the institution in one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from detectors.ledger import LedgerStage, describe
+from detectors.pipeline import LEDGER_PART
+from detectors.routing import ledger_key
+from streams.redis_state import read_states
+from streams.reference import CatalogCache
+from streams.settings import Settings
+from topics import names
+
+
+async def ledger_figures(
+    client: aioredis.Redis, settings: Settings, institution: str, product: str | None = None
+) -> list[dict[str, Any]]:
+    if product is not None:
+        products = [product]
+    else:
+        cache = CatalogCache(client, settings.redis_prefix)
+        await cache.refresh()
+        products = sorted(p.product for p in cache.current().products())
+    keys = [ledger_key(institution, p) for p in products]
+    states = await read_states(
+        client,
+        settings.redis_prefix,
+        LEDGER_PART,
+        settings.state_buckets,
+        names.BY_LEDGER.partitions,
+        keys,
+        LedgerStage(),
+    )
+    return [describe(key, states[key]) for key in keys if key in states]
