@@ -1,0 +1,407 @@
+"""`make bench`: throughput, latency, state size and memory, measured together on this machine.
+
+One run, one broker, one Redis, the workers - all on the same cores:
+(a) baseline: consume the input topic and `orjson.loads` every value (confluent-kafka, batches);
+(b) end to end: the full pipeline on a stream produced while the workers run, until every
+    settlement has its verdict (events/s and code scans/s), and its ratio to (a);
+(c) latency from an event's produce to its alert, at half of (b)'s rate (alerts decided on
+    arrival; the parked checks wait for event time by design);
+(d) replay: the detectors in one process, events/s (one core);
+(e) bytes of per-code state at rest (Redis MEMORY USAGE of the code stage's hashes / codes);
+(f) peak RSS of a worker.
+Prints a table and writes loadtest/RESULTS.md with the date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtest.generator import write_dataset
+from loadtest.run import ROOT, replay_file
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _lines(path: str) -> list[bytes]:
+    return [line for line in Path(path).read_bytes().splitlines() if line.strip()]
+
+
+def _key(line: bytes) -> bytes | None:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    inst = obj.get("institution") if isinstance(obj, dict) else None
+    return inst.encode() if isinstance(inst, str) else None
+
+
+def produce(
+    bootstrap: str, topic: str, lines: list[bytes], rate: float | None = None
+) -> dict[str, float]:
+    """Produce `lines` (at `rate` per second, or as fast as possible); returns event_id ->
+    produce time for events with ids."""
+    from confluent_kafka import Producer
+
+    from streams.output import producer_config
+
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 2}))
+    sent: dict[str, float] = {}
+    start = time.monotonic()
+    for i, line in enumerate(lines):
+        if rate is not None:
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        key = _key(line)
+        while True:
+            try:
+                producer.produce(topic, line, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+        if key is not None and rate is not None:
+            event_id = _safe(line).get("event_id")
+            if event_id is not None:
+                sent[f"{key.decode()}|{event_id}"] = time.time()
+    producer.flush(60)
+    return sent
+
+
+def topic_total(bootstrap: str, topic: str, partitions: int) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-watermarks"})
+    try:
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+            for p in range(partitions)
+        )
+    finally:
+        consumer.close()
+
+
+def baseline(bootstrap: str, topic: str, count: int) -> float:
+    """(a): read `count` messages from the beginning and parse each; messages per second."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-baseline-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 20,
+        }
+    )
+    consumer.subscribe([topic])
+    seen = 0
+    start = None
+    while seen < count:
+        batch = consumer.consume(1000, 1.0)
+        if batch and start is None:
+            start = time.perf_counter()
+        for msg in batch:
+            if msg.error() is None:
+                _safe(msg.value() or b"")
+                seen += 1
+    elapsed = time.perf_counter() - (start or time.perf_counter())
+    consumer.close()
+    return seen / elapsed if elapsed else 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Workers:
+    def __init__(self, env: dict[str, str], count: int) -> None:
+        from streams.services import free_port
+
+        self.procs: list[tuple[subprocess.Popen[bytes], int]] = []
+        for _ in range(count):
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"],
+                env={**env, "TRACEWATCH_WEB_PORT": str(port)},
+                cwd=ROOT,
+            )
+            self.procs.append((proc, port))
+        from streams.demo import _wait_for_worker
+
+        for proc, port in self.procs:
+            _wait_for_worker(port, proc, timeout=90)
+
+    def peak_rss_mb(self) -> float:
+        return max(peak_rss_mb(proc.pid) for proc, _ in self.procs)
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            proc.terminate()
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def state_bytes_per_code(redis_url: str, prefix: str) -> tuple[float, int]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    total_bytes = 0
+    codes = 0
+    for key in client.scan_iter(match=f"{prefix}:{{C*}}:s:*", count=1000):
+        total_bytes += client.memory_usage(key, samples=0) or 0
+        codes += client.hlen(key)
+    return (total_bytes / codes if codes else 0.0), codes
+
+
+def run(events: int, workers: int, latency_seconds: float) -> dict[str, Any]:
+    from streams.services import services
+    from topics.names import all_topics
+
+    workdir = tempfile.mkdtemp(prefix="tracewatch-bench-")
+    log(f"generating {events} events")
+    data = write_dataset(workdir, events, seed=99, days=max(8.0, events / 20000))
+    lines = _lines(data["events"])
+    scans = sum(
+        len(ln.get("codes") or ()) for e in map(_safe, lines) for ln in e.get("lines") or ()
+    )
+    settlements = len(
+        {
+            (e["institution"], e["event_id"])
+            for e in map(_safe, lines)
+            if e.get("type") == "settlement"
+        }
+    )
+    expected_codes = sum(1 for _ in lines) * 2
+    results: dict[str, Any] = {"events": len(lines), "scans": scans}
+
+    log("replay: detectors in one process")
+    start = time.perf_counter()
+    replayed = replay_file(data["events"], data["catalog"])
+    results["replay_eps"] = len(lines) / (time.perf_counter() - start)
+    log(f"replay: {results['replay_eps']:,.0f} events/s, {len(replayed)} alerts")
+
+    with services() as svc:
+        prefix = f"twbench{time.time_ns()}"
+        svc.create_topics(prefix)
+        topics = {spec.name.rsplit("-", 1)[-1]: spec for spec in all_topics(prefix)}
+        events_topic = f"{prefix}-events"
+        verdicts_topic = f"{prefix}-verdicts"
+        buckets = max(1, expected_codes // 16 // 100)
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
+            "REDIS_URL": svc.redis_url,
+            "TRACEWATCH_TOPIC_PREFIX": prefix,
+            "TRACEWATCH_REDIS_PREFIX": prefix,
+            "TRACEWATCH_CATALOG": data["catalog"],
+            "TRACEWATCH_STATE_BUCKETS": str(buckets),
+        }
+        log(f"starting {workers} worker(s)")
+        pool = Workers(env, workers)
+        try:
+            log(f"end to end: producing {len(lines)} events while the workers run")
+            start = time.perf_counter()
+            producer = threading.Thread(
+                target=produce, args=(svc.kafka_bootstrap, events_topic, lines)
+            )
+            producer.start()
+            last_report = 0.0
+            while True:
+                done = topic_total(
+                    svc.kafka_bootstrap, verdicts_topic, topics["verdicts"].partitions
+                )
+                now = time.perf_counter()
+                if now - last_report > 5:
+                    log(f"  {done}/{settlements} verdicts after {now - start:.0f}s")
+                    last_report = now
+                if done >= settlements:
+                    break
+                if now - start > 1800:
+                    raise RuntimeError(f"only {done} of {settlements} verdicts after 30 min")
+                time.sleep(0.2)
+            elapsed = time.perf_counter() - start
+            producer.join()
+            results["stream_eps"] = len(lines) / elapsed
+            results["stream_scans_per_s"] = scans / elapsed
+            log(f"end to end: {results['stream_eps']:,.0f} events/s")
+
+            log("baseline: consume + orjson.loads the same input topic")
+            results["baseline_eps"] = baseline(svc.kafka_bootstrap, events_topic, len(lines))
+            results["ratio"] = results["stream_eps"] / results["baseline_eps"]
+
+            rate = results["stream_eps"] / 2
+            log(f"latency: {latency_seconds:.0f}s of fresh traffic at {rate:,.0f} events/s")
+            results["latency"] = latency(
+                svc.kafka_bootstrap, prefix, rate, latency_seconds, workdir
+            )
+            bpc, codes = state_bytes_per_code(svc.redis_url, prefix)
+            results["state_bytes_per_code"] = bpc
+            results["codes"] = codes
+            results["peak_rss_mb"] = pool.peak_rss_mb()
+        finally:
+            pool.stop()
+    results["workers"] = workers
+    return results
+
+
+def _safe(line: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def latency(
+    bootstrap: str, prefix: str, rate: float, seconds: float, workdir: str
+) -> dict[str, float]:
+    """Produce a second, fresh stream at `rate`; match each alert decided on arrival to its
+    triggering event's produce time."""
+    from confluent_kafka import Consumer
+
+    count = int(rate * seconds)
+    data = write_dataset(os.path.join(workdir, "latency"), count, seed=123, days=8.0)
+    lines = _lines(data["events"])
+    # fresh ids and institutions: nothing collides with the first stream's state
+    lines = [ln.replace(b'"P0', b'"Q0') for ln in lines]
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-latency-{time.time_ns()}",
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    consumer.subscribe([f"{prefix}-alerts"])
+    consumer.consume(1, 3.0)  # join the group before producing
+    sent: dict[str, float] = {}
+    thread = threading.Thread(
+        target=lambda: sent.update(produce(bootstrap, f"{prefix}-events", lines, rate))
+    )
+    thread.start()
+    samples: list[float] = []
+    deadline = time.monotonic() + seconds + 30
+    parked = {"NO_PROVENANCE", "OVERSOLD", "STOCK_COUNT_MISMATCH"}
+    pending: list[tuple[str, float]] = []
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1000, 0.5):
+            if msg.error() is not None:
+                continue
+            alert = orjson.loads(msg.value() or b"{}")
+            if alert.get("rule", "") in parked:
+                continue
+            key = f"{alert['institution']}|{alert['event_ids'][-1]}"
+            pending.append((key, msg.timestamp()[1] / 1000))
+        if not thread.is_alive() and time.monotonic() > deadline - 25:
+            break
+    thread.join()
+    consumer.close()
+    for key, at in pending:
+        if key in sent:
+            samples.append((at - sent[key]) * 1000)
+    if not samples:
+        return {"p50": float("nan"), "p99": float("nan"), "n": 0}
+    samples.sort()
+    return {
+        "p50": statistics.median(samples),
+        "p99": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        "n": len(samples),
+    }
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpus} cores {model}, Python {platform.python_version()}"
+
+
+def write_results(results: dict[str, Any]) -> str:
+    lat = results["latency"]
+    table = f"""# Benchmark results
+
+Measured by `make bench` on {datetime.date.today().isoformat()}, {machine()}.
+Broker (embedded librdkafka cluster), Redis and {results["workers"]} worker process(es) on the
+same machine. Input: {results["events"]:,} generated events, {results["scans"]:,} code scans.
+
+| figure | value |
+|---|---|
+| (a) baseline: consume + orjson.loads | {results["baseline_eps"]:,.0f} events/s |
+| (b) end to end, full pipeline | {results["stream_eps"]:,.0f} events/s ({results["stream_scans_per_s"]:,.0f} scans/s) |
+| (b)/(a) | {results["ratio"]:.3f} |
+| (c) produce -> alert at half load, p50 / p99 | {lat["p50"]:.0f} ms / {lat["p99"]:.0f} ms ({lat["n"]} alerts) |
+| (d) replay, one process | {results["replay_eps"]:,.0f} events/s |
+| (e) per-code state at rest | {results["state_bytes_per_code"]:.1f} B/code ({results["codes"]:,} codes) |
+| (f) peak RSS of a worker | {results["peak_rss_mb"]:.0f} MB |
+
+streaming throughput: {results["stream_eps"]:.0f} events/s
+ratio to baseline: {results["ratio"]:.3f}
+replay throughput: {results["replay_eps"]:.0f} events/s per core
+p99 latency: {lat["p99"]:.0f} ms
+state bytes per code: {results["state_bytes_per_code"]:.1f}
+"""
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=60000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--latency-seconds", type=float, default=20)
+    parser.add_argument("--no-write", action="store_true", help="print only; keep RESULTS.md")
+    args = parser.parse_args(argv)
+    results = run(args.events, args.workers, args.latency_seconds)
+    text = write_results(results)
+    print(text)
+    if not args.no_write:
+        previous = RESULTS.read_text() if RESULTS.exists() else ""
+        history = (
+            previous.split("\n## Earlier runs\n", 1)[1] if "## Earlier runs" in previous else ""
+        )
+        latest = previous.split("\n## Earlier runs\n", 1)[0] if previous else ""
+        kept = "\n".join(
+            line for line in latest.splitlines() if line.startswith("| (b) end to end")
+        )
+        RESULTS.write_text(
+            text + "\n## Earlier runs\n" + (f"- {kept}\n" if kept else "") + history.lstrip("\n")
+        )
+        log(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
