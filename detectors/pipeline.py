@@ -70,17 +70,24 @@ def expected_parts(
 class MemoryStage:
     """A stage with its state, applied ids and parked checks in memory: replay's store."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, track_applied: bool = False) -> None:
         self.stage = stage
         self.state: dict[str, State] = {}
         self.applied: set[str] = set()
+        # key -> ids applied to it, kept only for `tracewatch rebuild` (it writes them out)
+        self.applied_by_key: dict[str, list[str]] | None = {} if track_applied else None
         self.watermarks: dict[int, float] = {}
         self._due: list[tuple[float, str]] = []  # heap; stale entries are skipped when popped
 
     def apply(
         self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
     ) -> None:
-        apply_records(self.stage, records, self.state, self.applied, out)
+        new_ids = apply_records(self.stage, records, self.state, self.applied, out)
+        if self.applied_by_key is not None and new_ids:
+            fresh = set(new_ids)
+            for record in records:
+                if record["id"] in fresh:
+                    self.applied_by_key.setdefault(record["k"], []).append(record["id"])
         for record in records:
             due = due_of(self.state.get(record["k"]))
             if due is not None:
@@ -109,12 +116,13 @@ class Pipeline:
         catalog: Catalog,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         clock: Callable[[], float] = time.time,
+        track_applied: bool = False,
     ) -> None:
         self.catalog = catalog
         self.seen: set[str] = set()
         self.view = IngestView()
-        self.ledger = MemoryStage(LedgerStage())
-        self.codes = MemoryStage(CodeStage(grace_seconds))
+        self.ledger = MemoryStage(LedgerStage(), track_applied)
+        self.codes = MemoryStage(CodeStage(grace_seconds), track_applied)
         self.verdicts = MemoryStage(VerdictStage())
         self.watermarks: dict[int, float] = {}
         self._clock = clock

@@ -230,6 +230,25 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from streams.rebuild import RebuildError, rebuild
+
+    settings = Settings()
+    path = args.catalog or settings.catalog_path
+    if not path:
+        raise BadInput("rebuild needs the catalog: --catalog FILE or TRACEWATCH_CATALOG")
+    try:
+        counts = rebuild(settings, load_catalog(path))
+    except RebuildError as exc:
+        print(f"tracewatch: {exc}", file=sys.stderr)
+        return 1
+    print(
+        "rebuilt from {messages} input messages: {L} ledger keys, {C} codes, "
+        "{seen} events remembered, {index} index entries".format(**counts)
+    )
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.generator import Rates
     from loadtest.run import run_loadtest
@@ -286,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="publish a catalog JSONL to the workers (Redis and topic)")
     p.add_argument("file")
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser(
+        "rebuild", help="rebuild the workers' Redis state from the input topic (workers stopped)"
+    )
+    p.add_argument("--catalog", help="catalog JSONL (default TRACEWATCH_CATALOG)")
+    p.set_defaults(func=cmd_rebuild)
 
     p = sub.add_parser("ledger", help="an institution's 进销存 figures per product (from Redis)")
     p.add_argument("institution")

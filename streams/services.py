@@ -70,6 +70,12 @@ def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -
     return created
 
 
+# Per-key state lives in hashes of ~100 keys; Redis keeps a hash compact (listpack) only while
+# every value stays under hash-max-listpack-value (64 B by default) - one code with a long
+# history would otherwise turn its whole bucket into a hashtable (~2x the memory).
+REDIS_STATE_OPTIONS = ("--hash-max-listpack-value", "512", "--hash-max-listpack-entries", "256")
+
+
 class RedisServer:
     """A throwaway `redis-server` on a free loopback port, in a temporary directory."""
 
@@ -98,6 +104,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *REDIS_STATE_OPTIONS,
                 "--dir",
                 self._dir.name,
             ],
