@@ -75,8 +75,13 @@ def test_watermark_and_due_index(svc: Services, redis_prefix: str) -> None:
     async def body(client: aioredis.Redis) -> None:
         store = StageStore(client, redis_prefix, "C", buckets=4, applied_days=2, codec=CodeStage())
         await store.acquire([2])
+        grace = 72 * 3600  # CodeStage's default: `due` is the parked sale's time + grace
         parked = {
-            code: {"r": ["P1"], "np": ["P2", f"E{i}", 1772409600.0], "due": 1772409600.0 + i}
+            code: {
+                "r": ["P1"],
+                "np": [["P2", f"E{i}", 1772409600.0 + i - grace]],
+                "due": 1772409600.0 + i,
+            }
             for i, code in enumerate(codes)
         }
         await store.save(2, parked, ["r1"], watermarks={3: 1772409000.0, 5: 1772400000.0})
