@@ -183,15 +183,20 @@ class CodeStage(BaseStage):
         return state
 
     def _set_due(self, entry: State) -> None:
-        """`due` is when the oldest parked check is ripe; the store indexes keys by it."""
+        """`due` is when the oldest parked check is ripe and `dl` the lane it waits on (its
+        institution's); the store indexes keys by them. A later check of another institution
+        whose lane is ahead waits with it."""
         pending = [*entry.get("np", ()), *entry.get("xc", ())]
         for name in ("np", "xc"):
             if not entry.get(name):
                 entry.pop(name, None)
         if pending:
-            entry["due"] = min(p[2] for p in pending) + round(self.grace)
+            first = min(pending, key=lambda p: (p[2], p[0]))
+            entry["due"] = first[2] + round(self.grace)
+            entry["dl"] = lane_of(first[0])
         else:
             entry.pop("due", None)
+            entry.pop("dl", None)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -411,7 +416,7 @@ def _copy(entry: State | None) -> State:
 
 
 def _compact(entry: State) -> State:
-    return {k: v for k, v in entry.items() if v or k == "due"}
+    return {k: v for k, v in entry.items() if v or k in ("due", "dl")}
 
 
 def _trim(dispenses: list[list[Any]]) -> None:

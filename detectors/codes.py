@@ -15,6 +15,7 @@ GS1 parsing and the GTIN check digit come from `biip`; this module only cleans t
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -79,6 +80,13 @@ def classify(raw: str | bytes) -> ScannedCode:
     """Never raises: anything unusable comes back as CodeKind.INVALID with the reason."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
+    return _classify_cached(raw)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _classify_cached(raw: str) -> ScannedCode:
+    # A box is scanned several times in its life (receipt, sale, settlement, retries): GS1
+    # parsing is the costliest step of ingest, and ScannedCode is immutable, so share it.
     if not isinstance(raw, str):  # defensive: callers pass validated strings
         return ScannedCode(str(raw), CodeKind.INVALID, error="not a string")
     # Fast path: a clean 20-digit scan, the overwhelming majority.

@@ -146,6 +146,7 @@ class LedgerStage(BaseStage):
         if not pending:
             entry.pop("pend", None)
             entry.pop("due", None)
+            entry.pop("dl", None)
             return
         if len(pending) > MAX_PENDING:
             # a ledger far below zero parks a check per dispense: run the oldest now
@@ -153,6 +154,7 @@ class LedgerStage(BaseStage):
             oldest = pending.pop(0)
             self._run(entry, oldest, key, out)
         entry["due"] = min(c[_TS] for c in pending) + self.grace
+        entry["dl"] = lane_of(key.split("|", 1)[0])
 
     # -- checks in event time --------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from detectors.stage import (
     State,
     Watermarks,
     apply_records,
+    due_lane,
     due_of,
     fire_due,
     lane_of,
@@ -77,7 +78,14 @@ class MemoryStage:
         # key -> ids applied to it, kept only for `tracewatch rebuild` (it writes them out)
         self.applied_by_key: dict[str, list[str]] | None = {} if track_applied else None
         self.watermarks: dict[int, float] = {}
-        self._due: list[tuple[float, str]] = []  # heap; stale entries are skipped when popped
+        # per watermark lane, a heap of (due, key); stale entries are skipped when popped
+        self._due: dict[int | None, list[tuple[float, str]]] = {}
+
+    def _park(self, key: str) -> None:
+        state = self.state.get(key)
+        due = due_of(state)
+        if due is not None:
+            heapq.heappush(self._due.setdefault(due_lane(state), []), (due, key))
 
     def apply(
         self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
@@ -88,23 +96,22 @@ class MemoryStage:
             for record in records:
                 if record["id"] in fresh:
                     self.applied_by_key.setdefault(record["k"], []).append(record["id"])
-        for record in records:
-            due = due_of(self.state.get(record["k"]))
-            if due is not None:
-                heapq.heappush(self._due, (due, record["k"]))
-        for lane, ts in (watermarks or {}).items():
-            if ts > self.watermarks.get(lane, float("-inf")):
-                self.watermarks[lane] = ts
+        for key in {r["k"] for r in records}:
+            self._park(key)
+        for mark_lane, ts in (watermarks or {}).items():
+            if ts > self.watermarks.get(mark_lane, float("-inf")):
+                self.watermarks[mark_lane] = ts
         newest = max(self.watermarks.values(), default=float("-inf"))
         ready: list[str] = []
-        while self._due and self._due[0][0] <= newest:
-            due, key = heapq.heappop(self._due)
-            if due_of(self.state.get(key)) == due:
-                ready.append(key)
+        for lane, heap in self._due.items():
+            mark = self.watermarks.get(lane, float("-inf")) if lane is not None else newest
+            while heap and heap[0][0] <= mark:
+                due, key = heapq.heappop(heap)
+                state = self.state.get(key)
+                if due_of(state) == due and due_lane(state) == lane:
+                    ready.append(key)
         for key in fire_due(self.stage, ready, self.state, self.watermarks, out):
-            due = due_of(self.state.get(key))
-            if due is not None:
-                heapq.heappush(self._due, (due, key))
+            self._park(key)
         for key in {r["k"] for r in records}.union(ready):
             if not self.state.get(key, True):
                 del self.state[key]

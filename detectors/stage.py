@@ -101,12 +101,31 @@ class BaseStage:
     ) -> None:
         entry = dict(state.get(key) or {})
         entry.pop("due", None)
+        entry.pop("dl", None)
         state[key] = entry
 
 
 def due_of(state: State | None) -> float | None:
-    """A state that waits for event time to pass carries `due` (seconds since the epoch)."""
+    """A state that waits for event time to pass carries `due` (seconds since the epoch) and
+    `dl`, the watermark lane that must pass it."""
     return state.get("due") if state else None
+
+
+def due_lane(state: State | None) -> int | None:
+    return state.get("dl") if state and "due" in state else None
+
+
+def is_due(state: State | None, watermarks: Watermarks) -> bool:
+    due = due_of(state)
+    if due is None:
+        return False
+    lane = due_lane(state)
+    mark = (
+        watermarks.get(lane, float("-inf"))
+        if lane is not None
+        else max(watermarks.values(), default=float("-inf"))
+    )
+    return due <= mark
 
 
 def fire_due(
@@ -116,16 +135,10 @@ def fire_due(
     watermarks: Watermarks,
     out: StageOutput,
 ) -> list[str]:
-    """Offer every key among `keys` due by the newest lane's watermark to the stage, oldest due
-    first (ties by key, so replay and stream fire in one order); returns the keys offered. The
-    stage runs only the checks whose own lane has passed them."""
-    if not watermarks:
-        return []
-    newest = max(watermarks.values())
+    """Fire every key among `keys` whose `due` its lane's watermark has passed, oldest due first
+    (ties by key, so replay and stream fire in one order); returns the keys fired."""
     ready = sorted(
-        (due, key)
-        for key in set(keys)
-        if (due := due_of(state.get(key))) is not None and due <= newest
+        (due_of(state[key]) or 0.0, key) for key in set(keys) if is_due(state.get(key), watermarks)
     )
     for _due, key in ready:
         stage.fire(key, state, watermarks, out)

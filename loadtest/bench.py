@@ -24,12 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from loadtest.generator import write_dataset
+from loadtest.generator import START, write_dataset
 from loadtest.run import ROOT, replay_file
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -287,7 +288,14 @@ def latency(
     from confluent_kafka import Consumer
 
     count = int(rate * seconds)
-    data = write_dataset(os.path.join(workdir, "latency"), count, seed=123, days=8.0)
+    # after the first stream in event time, so its checks wait for their grace as in real life
+    data = write_dataset(
+        os.path.join(workdir, "latency"),
+        count,
+        seed=123,
+        days=8.0,
+        start=START + timedelta(days=60),
+    )
     lines = _lines(data["events"])
     # fresh ids and institutions: nothing collides with the first stream's state
     lines = [ln.replace(b'"P0', b'"Q0') for ln in lines]

@@ -172,8 +172,10 @@ class Generator:
         institutions: int = 30,
         days: float = 8.0,
         rates: Rates = Rates(),
+        start: datetime = START,
     ) -> None:
         self.rng = random.Random(seed)
+        self.start = start
         self.rates = rates
         self.days = days
         self.catalog: list[dict[str, Any]] = []
@@ -256,7 +258,7 @@ class _Simulation:
         self.count = count
         self.span = gen.days * 86400
         self.step = self.span / max(1, count)
-        self.t = START.timestamp()
+        self.t = gen.start.timestamp()
         self.truth = _Truth()
         self.truth.recording = set(gen.recording)
         self.lane_max: dict[int, int] = {}  # newest event time per watermark lane
@@ -725,10 +727,15 @@ class _Simulation:
 
 
 def write_dataset(
-    out_dir: str, events: int, seed: int = 7, days: float = 8.0, rates: Rates = Rates()
+    out_dir: str,
+    events: int,
+    seed: int = 7,
+    days: float = 8.0,
+    rates: Rates = Rates(),
+    start: datetime = START,
 ) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    gen = Generator(seed, days=days, rates=rates)
+    gen = Generator(seed, days=days, rates=rates, start=start)
     messages, truth, legit = gen.generate(events)
     paths = {
         "catalog": os.path.join(out_dir, "catalog.jsonl"),

@@ -32,7 +32,15 @@ import orjson
 from detectors.catalog import Catalog
 from detectors.pipeline import event_watermark, expected_parts, partition_of
 from detectors.routing import IngestView, route
-from detectors.stage import Record, Stage, StageOutput, apply_records, fire_due, lane_of
+from detectors.stage import (
+    Record,
+    Stage,
+    StageOutput,
+    apply_records,
+    due_lane,
+    fire_due,
+    lane_of,
+)
 from detectors.verdicts import head_record, part_record
 from streams import metrics
 from streams.output import OutputProducer
@@ -235,17 +243,19 @@ class StageProcessor:
                     p,
                     list(dict.fromkeys(r["k"] for r in by_partition[p])),
                     [r["id"] for r in by_partition[p]],
-                    max(offered[p].values(), default=None),
+                    offered[p],
                 )
                 for p in owned
             )
         )
         out = Emitter(self._producer)
-        saves: list[tuple[int, dict[str, Any], list[str], dict[int, float]]] = []
+        saves: list[tuple[int, dict[str, Any], list[str], dict[int, float], dict[str, int]]] = []
         for p, batch in zip(owned, loaded, strict=True):
             records = by_partition[p]
             result = StageOutput()
             state = batch.state
+            lanes_before = {k: lane for k, s in state.items() if (lane := due_lane(s)) is not None}
+            lanes_before.update(batch.due)  # where the index holds them, stale or not
             new_ids = apply_records(self.stage, records, state, batch.applied, result)
             metrics.RECORDS.labels(self.stage.name).inc(len(new_ids))
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
@@ -270,10 +280,11 @@ class StageProcessor:
             # due keys that were not fired are saved too: their index entry is rewritten from
             # their state (a receipt may have cleared the check, a void removed the state)
             keys = touched.union(fired, batch.due)
-            saves.append((p, {k: state.get(k, {}) for k in keys}, new_ids, raised))
+            saves.append((p, {k: state.get(k, {}) for k in keys}, new_ids, raised, lanes_before))
         await out.flush()
         results = await asyncio.gather(
-            *(self.store.save(p, s, ids, w) for p, s, ids, w in saves), return_exceptions=True
+            *(self.store.save(p, s, ids, w, lanes) for p, s, ids, w, lanes in saves),
+            return_exceptions=True,
         )
         for outcome in results:
             if isinstance(outcome, PartitionLost):

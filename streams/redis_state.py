@@ -7,7 +7,7 @@ Cluster slot):
     {prefix}:{<S><p>}:s:<bucket>   hash: state key (stage's `field`) -> state (stage's `pack`)
     {prefix}:{<S><p>}:ap:<day>     set: record ids applied that day (TTL = applied window)
     {prefix}:{<S><p>}:wm           hash: watermark lane -> event time (seconds) seen there
-    {prefix}:{<S><p>}:due          sorted set: `<bucket>|<field>` by the event time it waits for
+    {prefix}:{<S><p>}:due:<lane>   sorted set: `<bucket>|<field>` by the event time it waits for
     {prefix}:{E<p>}:seen:<day>     set: `institution|event_id` seen at ingest (TTL = ingest window)
     {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
     {prefix}:{E<p>}:receivers      set: institutions that record codes on what they receive
@@ -33,14 +33,15 @@ from detectors.stage import State
 
 _DAY = 86400
 
-# KEYS: applied day sets (n_sets), one bucket hash per field, the watermarks hash, the due index.
-# ARGV: n_sets, n_ids, ids..., fields..., newest offered watermark ('' = none), due limit, base.
+# KEYS: applied day sets (n_sets), one bucket hash per field, the watermarks hash.
+# ARGV: n_sets, n_ids, ids..., fields..., n_offered, (lane, watermark) pairs, due limit, base.
 # Returns: applied flags (n_ids), field values (false when absent), the stored watermarks as a
-# flat lane/value list, then (member, value) pairs for the keys due by the newest watermark.
+# flat lane/value list, then (lane, member, value) triples for the keys due in each lane by its
+# watermark (stored or offered, the later): `<base>:due:<lane>` sorted sets.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
 local n_ids = tonumber(ARGV[2])
-local n_fields = #KEYS - n_sets - 2
+local n_fields = #KEYS - n_sets - 1
 local out = {}
 for i = 1, n_ids do
   local id = ARGV[2 + i]
@@ -55,29 +56,32 @@ for j = 1, n_fields do
   out[n_ids + j] = redis.call('HGET', KEYS[n_sets + j], ARGV[base + j])
 end
 local a = base + n_fields
-local stored = redis.call('HGETALL', KEYS[#KEYS - 1])
+local stored = redis.call('HGETALL', KEYS[#KEYS])
 out[#out + 1] = stored
-local w = nil
-for i = 2, #stored, 2 do
-  local v = tonumber(stored[i])
-  if w == nil or v > w then w = v end
+local marks = {}
+for i = 1, #stored, 2 do marks[stored[i]] = tonumber(stored[i + 1]) end
+local n_offered = tonumber(ARGV[a + 1])
+for i = 1, n_offered do
+  local lane, w = ARGV[a + 2 * i], tonumber(ARGV[a + 2 * i + 1])
+  if marks[lane] == nil or w > marks[lane] then marks[lane] = w end
 end
-local cand = tonumber(ARGV[a + 1])
-if cand ~= nil and (w == nil or cand > w) then w = cand end
-if w ~= nil then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[#KEYS], '-inf', w, 'LIMIT', 0, tonumber(ARGV[a + 2]))
+local limit = tonumber(ARGV[a + 2 * n_offered + 2])
+local prefix = ARGV[a + 2 * n_offered + 3]
+for lane, w in pairs(marks) do
+  local due = redis.call('ZRANGEBYSCORE', prefix .. ':due:' .. lane, '-inf', w, 'LIMIT', 0, limit)
   for _, member in ipairs(due) do
     local bucket, field = string.match(member, '^(%d+)|(.*)$')
+    out[#out + 1] = lane
     out[#out + 1] = member
-    out[#out + 1] = redis.call('HGET', ARGV[a + 3] .. ':s:' .. bucket, field)
+    out[#out + 1] = redis.call('HGET', prefix .. ':s:' .. bucket, field)
   end
 end
 return out
 """
 
-# KEYS: gen key, today's applied set, watermarks hash, due index, then one bucket hash per field.
-# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, watermark) pairs, then per field
-# (field, value ('' = delete), due-index member, due ('' = not due)).
+# KEYS: gen key, today's applied set, watermarks hash, then one bucket hash per field.
+# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, watermark) pairs, base, then per field
+# (field, value ('' = delete), due-index member, due ('' = not due), lane, previous lane).
 _SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
@@ -89,12 +93,16 @@ for i = 1, n_lanes do
   local stored = tonumber(redis.call('HGET', KEYS[3], lane))
   if stored == nil or tonumber(w) > stored then redis.call('HSET', KEYS[3], lane, w) end
 end
-local base = 4 + n_ids + 2 * n_lanes
-for j = 5, #KEYS do
-  local at = base + 4 * (j - 5)
-  local f, v, member, due = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+local prefix = ARGV[5 + n_ids + 2 * n_lanes]
+local base = 5 + n_ids + 2 * n_lanes
+for j = 4, #KEYS do
+  local at = base + 6 * (j - 4)
+  local f, v, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local due, lane, old = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
   if v == '' then redis.call('HDEL', KEYS[j], f) else redis.call('HSET', KEYS[j], f, v) end
-  if due == '' then redis.call('ZREM', KEYS[4], member) else redis.call('ZADD', KEYS[4], due, member) end
+  if old ~= '' and old ~= lane then redis.call('ZREM', prefix .. ':due:' .. old, member) end
+  if due ~= '' then redis.call('ZADD', prefix .. ':due:' .. lane, due, member)
+  elseif lane ~= '' then redis.call('ZREM', prefix .. ':due:' .. lane, member) end
 end
 return 1
 """
@@ -240,7 +248,7 @@ class Loaded:
         state: dict[str, State],
         applied: set[str],
         watermarks: dict[int, float],
-        due: list[str],
+        due: dict[str, int],
     ) -> None:
         self.state = state
         self.applied = applied
@@ -306,21 +314,24 @@ class StageStore:
         partition: int,
         keys: Sequence[str],
         ids: Sequence[str],
-        newest: float | None = None,
+        offered: dict[int, float] | None = None,
     ) -> Loaded:
         """States of `keys`, which `ids` are applied, the partition's watermarks, and the keys
-        due by the newest watermark (stored or `newest`, the newest offered)."""
+        due in each lane by its watermark (stored or `offered`, the later)."""
         base = self._base(partition)
         applied_keys = self._applied_keys(partition)
         redis_keys = [
             *applied_keys,
             *(f"{base}:s:{self._bucket_no(k)}" for k in keys),
             f"{base}:wm",
-            f"{base}:due",
         ]
         args: list[Any] = [len(applied_keys), len(ids), *ids]
         args += [self._codec.field(k) for k in keys]
-        args += ["" if newest is None else repr(newest), self._due_limit, base]
+        lanes = offered or {}
+        args.append(len(lanes))
+        for lane, ts in lanes.items():
+            args += [lane, repr(ts)]
+        args += [self._due_limit, base]
         reply = await self._load(keys=redis_keys, args=args)
         n_ids, n_keys = len(ids), len(keys)
         applied = {rid for rid, flag in zip(ids, reply[:n_ids], strict=True) if flag}
@@ -332,11 +343,11 @@ class StageStore:
         }
         flat = reply[n_ids + n_keys]
         watermarks = {int(lane): float(ts) for lane, ts in zip(flat[::2], flat[1::2], strict=True)}
-        due: list[str] = []
+        due: dict[str, int] = {}  # key -> the lane's index it was found in
         rest = reply[n_ids + n_keys + 1 :]
-        for member, raw in zip(rest[::2], rest[1::2], strict=True):
+        for lane, member, raw in zip(rest[::3], rest[1::3], rest[2::3], strict=True):
             key = self._codec.unfield(member.split(b"|", 1)[1])
-            due.append(key)
+            due[key] = int(lane)
             if raw is not None and key not in state:
                 state[key] = unpack(raw)
         return Loaded(state, applied, watermarks, due)
@@ -347,29 +358,37 @@ class StageStore:
         state: dict[str, State],
         ids: Sequence[str],
         watermarks: dict[int, float] | None = None,
+        previous_lanes: dict[str, int] | None = None,
     ) -> None:
         """Write states, applied ids and raised watermarks - if this worker still owns the
-        partition."""
+        partition. `previous_lanes`: the due lane each key had when loaded, so its entry moves
+        when its lane changes."""
         gen = self.generations.get(partition)
         if gen is None:
             raise PartitionLost(f"{self.tag}{partition} is not owned by this worker")
         base = self._base(partition)
-        redis_keys = [f"{base}:gen", self._applied_keys(partition)[0], f"{base}:wm", f"{base}:due"]
+        redis_keys = [f"{base}:gen", self._applied_keys(partition)[0], f"{base}:wm"]
         args: list[Any] = [gen, self._applied_days * _DAY, len(ids), *ids]
         lanes = watermarks or {}
         args.append(len(lanes))
         for lane, ts in lanes.items():
             args += [lane, repr(ts)]
+        args.append(base)
+        previous = previous_lanes or {}
         for key, value in state.items():
             bucket = self._bucket_no(key)
             field = self._codec.field(key)
             redis_keys.append(f"{base}:s:{bucket}")
             due = value.get("due") if value else None
+            due_lane = value.get("dl", "") if due is not None else ""
+            old = previous.get(key)
             args += [
                 field,
                 self._codec.pack(value) if value else b"",
                 str(bucket).encode() + b"|" + field,
                 "" if due is None else repr(due),
+                due_lane,
+                "" if old is None else old,
             ]
         if not await self._save(keys=redis_keys, args=args):
             self.generations.pop(partition, None)

@@ -9,7 +9,7 @@ import pytest
 from detectors.catalog import Catalog, product_from_dict
 from detectors.code_state import CodeStage
 from detectors.pipeline import Pipeline
-from detectors.stage import StageOutput
+from detectors.stage import StageOutput, lane_of
 from topics.records import event_from_dict
 
 CATALOG = Catalog(
@@ -320,7 +320,11 @@ def test_packed_state_round_trips_and_is_small() -> None:
     assert stage.unpack(raw) == state
     assert len(raw) < 64
     pending = {**state, "np": [["H1", "E1", 1704067201.0], ["H2", "E2", 1704067200.0]]}
-    assert stage.unpack(stage.pack(pending)) == {**pending, "due": 1704067200.0 + 72 * 3600}
+    assert stage.unpack(stage.pack(pending)) == {
+        **pending,
+        "due": 1704067200.0 + 72 * 3600,
+        "dl": lane_of("H2"),  # the earliest check's institution's lane
+    }
 
 
 def test_fire_without_pending_check_just_clears_due() -> None:

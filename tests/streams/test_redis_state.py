@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from detectors.code_state import CodeStage
 from detectors.ledger import LedgerStage
+from detectors.stage import lane_of
 from streams.redis_state import IngestStore, PartitionLost, StageStore
 from streams.services import Services
 
@@ -81,19 +82,26 @@ def test_watermark_and_due_index(svc: Services, redis_prefix: str) -> None:
                 "r": ["P1"],
                 "np": [["P2", f"E{i}", 1772409600.0 + i - grace]],
                 "due": 1772409600.0 + i,
+                "dl": lane_of("P2"),
             }
             for i, code in enumerate(codes)
         }
         await store.save(2, parked, ["r1"], watermarks={3: 1772409000.0, 5: 1772400000.0})
-        batch = await store.load(2, [], [], newest=1772409000.0 + 600 + 49)
+        # another lane far ahead finds nothing: the checks wait on P2's lane
+        assert (await store.load(2, [], [], offered={lane_of("P9"): 1.9e9})).due == {}
+        batch = await store.load(2, [], [], offered={lane_of("P2"): 1772409000.0 + 600 + 49})
         assert batch.watermarks == {3: 1772409000.0, 5: 1772400000.0}
         assert sorted(batch.due) == sorted(codes[:50])
         assert all(batch.state[c] == parked[c] for c in codes[:50])
         # a lane's watermark only rises, and a state without `due` leaves the index
         await store.save(
-            2, {c: {"r": ["P1"]} for c in codes[:50]}, [], watermarks={3: 1.0, 5: 1772400001.0}
+            2,
+            {c: {"r": ["P1"]} for c in codes[:50]},
+            [],
+            watermarks={3: 1.0, 5: 1772400001.0},
+            previous_lanes=batch.due,
         )
-        batch = await store.load(2, [], [], newest=1772409600.0 + 1000)
+        batch = await store.load(2, [], [], offered={lane_of("P2"): 1772409600.0 + 1000})
         assert batch.watermarks == {3: 1772409000.0, 5: 1772400001.0}
         assert sorted(batch.due) == sorted(codes[50:])
 
