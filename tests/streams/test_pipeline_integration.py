@@ -276,3 +276,71 @@ def test_rebuild_recreates_the_workers_state_from_the_input_topic(
         [sys.executable, "-m", "streams.cli", "rebuild"], env=env, cwd=ROOT, capture_output=True
     )
     assert again.returncode == 1 and b"already holds state" in again.stderr
+
+
+def test_catalog_update_reaches_a_running_worker(
+    svc: Services, redis_prefix: str, tmp_path: Path
+) -> None:
+    """`tracewatch catalog` while a worker runs: the next settlements are judged by the new
+    catalog, without a restart."""
+    svc.create_topics(redis_prefix)
+    old = tmp_path / "old.jsonl"
+    new = tmp_path / "new.jsonl"
+    old.write_bytes(b'{"product": "XA001", "prefixes": ["8100001"], "pack_size": 10}\n')
+    new.write_bytes(
+        old.read_bytes() + b'{"product": "XB002", "prefixes": ["8777777"], "pack_size": 10}\n'
+    )
+    env = {
+        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
+        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
+        "TRACEWATCH_CATALOG": str(old),
+        "TRACEWATCH_BATCH_SIZE": "50",
+    }
+
+    def settlement(n: int) -> bytes:
+        line = {
+            "line_no": 1,
+            "product": "XB002",
+            "quantity": 1,
+            "codes": [f"877777700000000000{n:02d}"],
+        }
+        event = {
+            "event_id": f"S{n}",
+            "type": "settlement",
+            "institution": "H1",
+            "occurred_at": "2026-03-02T09:00:00+08:00",
+            "settlement_id": f"SID{n}",
+            "lines": [line],
+        }
+        return orjson.dumps(event) + b"\n"
+
+    worker = WorkerProcess(svc, env).start()
+    try:
+        first = tmp_path / "first.jsonl"
+        first.write_bytes(settlement(1))
+        run = lambda *args: subprocess.run(  # noqa: E731
+            [sys.executable, "-m", "streams.cli", *args],
+            env=worker.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        run("produce", str(first))
+        verdicts_topic = f"{redis_prefix}-verdicts"
+        got = read_topic(svc.kafka_bootstrap, verdicts_topic, lambda v: len(v) >= 1, 60)
+        assert got[0]["verdict"] == "pass"  # UNKNOWN_CODE alerts but does not reject
+        alerts = read_topic(
+            svc.kafka_bootstrap, f"{redis_prefix}-alerts", lambda v: len(v) >= 1, 30
+        )
+        assert [a["rule"] for a in alerts] == ["UNKNOWN_CODE"]
+        run("catalog", str(new))
+        time.sleep(6)  # workers poll the catalog version every 5 s
+        second = tmp_path / "second.jsonl"
+        second.write_bytes(settlement(2))
+        run("produce", str(second))
+        got = read_topic(svc.kafka_bootstrap, verdicts_topic, lambda v: len(v) >= 2, 60)
+        assert {v["event_id"] for v in got} == {"S1", "S2"}
+        alerts = read_topic(svc.kafka_bootstrap, f"{redis_prefix}-alerts", lambda v: False, 5)
+        assert [a["event_ids"] for a in alerts if a["rule"] == "UNKNOWN_CODE"] == [["S1"]]
+    finally:
+        worker.stop()
