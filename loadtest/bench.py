@@ -32,6 +32,7 @@ import orjson
 
 from loadtest.generator import START, write_dataset
 from loadtest.run import ROOT, replay_file
+from streams.services import stop_process
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -163,10 +164,7 @@ class Workers:
         for proc, _ in self.procs:
             proc.terminate()
         for proc, _ in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 def state_bytes_per_code(redis_url: str, prefix: str) -> tuple[float, int]:
@@ -182,7 +180,7 @@ def state_bytes_per_code(redis_url: str, prefix: str) -> tuple[float, int]:
 
 
 def run(events: int, workers: int, latency_seconds: float) -> dict[str, Any]:
-    from streams.services import services
+    from streams.services import pipeline_env, services
     from topics.names import all_topics
 
     workdir = tempfile.mkdtemp(prefix="tracewatch-bench-")
@@ -216,15 +214,7 @@ def run(events: int, workers: int, latency_seconds: float) -> dict[str, Any]:
         events_topic = f"{prefix}-events"
         verdicts_topic = f"{prefix}-verdicts"
         buckets = max(1, expected_codes // 16 // 100)
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
-            "REDIS_URL": svc.redis_url,
-            "TRACEWATCH_TOPIC_PREFIX": prefix,
-            "TRACEWATCH_REDIS_PREFIX": prefix,
-            "TRACEWATCH_CATALOG": data["catalog"],
-            "TRACEWATCH_STATE_BUCKETS": str(buckets),
-        }
+        env = pipeline_env(svc, prefix, data["catalog"], TRACEWATCH_STATE_BUCKETS=str(buckets))
         log(f"starting {workers} worker(s)")
         pool = Workers(env, workers)
         try:

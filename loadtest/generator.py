@@ -659,33 +659,24 @@ class _Simulation:
     def fraud_recycled(self, inst: str) -> None:
         """A box sold to a patient elsewhere, bought back, and settled here (回流药)."""
         donors = [i for i, s in self.sold.items() if i != inst and s]
-        if not donors:
-            return
-        donor = self.rng.choice(donors)
-        item = self.sold[donor].pop(self.rng.randrange(len(self.sold[donor])))
-        self.settlements[donor] = [s for s in self.settlements[donor] if item.box not in s[1]]
-        product = item.box.product
-        event = self.dispense_event(
-            "settlement", inst, [self.line(product, 1, [self.g._scan(item.box)])], self.g._id("SID")
-        )
-        eid = event["event_id"]
-        self.truth.add("CROSS_INSTITUTION_SALE", inst, item.box.code, eid)
-        self.truth.dispensed_code(inst, item.box.code, eid, self.t)
-        self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
-        self.emit(event, inst)
+        if donors:
+            self.resell(self.rng.choice(donors), inst, "CROSS_INSTITUTION_SALE")
 
     def fraud_double(self, inst: str) -> None:
         """The same box settled twice at one institution (no return between)."""
-        if not self.sold[inst]:
-            return
-        item = self.sold[inst].pop(self.rng.randrange(len(self.sold[inst])))
-        self.settlements[inst] = [s for s in self.settlements[inst] if item.box not in s[1]]
+        if self.sold[inst]:
+            self.resell(inst, inst, "DUPLICATE_SALE")
+
+    def resell(self, seller: str, inst: str, rule: str) -> None:
+        """Settle at `inst` a box `seller` sold whole and never took back."""
+        item = self.sold[seller].pop(self.rng.randrange(len(self.sold[seller])))
+        self.settlements[seller] = [s for s in self.settlements[seller] if item.box not in s[1]]
         product = item.box.product
         event = self.dispense_event(
             "settlement", inst, [self.line(product, 1, [self.g._scan(item.box)])], self.g._id("SID")
         )
         eid = event["event_id"]
-        self.truth.add("DUPLICATE_SALE", inst, item.box.code, eid)
+        self.truth.add(rule, inst, item.box.code, eid)
         self.truth.dispensed_code(inst, item.box.code, eid, self.t)
         self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
         self.emit(event, inst)

@@ -9,7 +9,6 @@ against `KAFKA_BOOTSTRAP`/`REDIS_URL` when set, else on an embedded broker and a
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -117,21 +116,13 @@ def stream_file(
     arrived or nothing came for a while after the input was consumed."""
     from streams.cli import follow_topic
     from streams.demo import _wait_for_worker
-    from streams.services import free_port, services
+    from streams.services import free_port, pipeline_env, services, stop_process
 
     prefix = f"twload{time.time_ns()}"
     with contextlib.nullcontext(given) if given is not None else services() as svc:
         svc.create_topics(prefix)
         port = free_port()
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
-            "REDIS_URL": svc.redis_url,
-            "TRACEWATCH_TOPIC_PREFIX": prefix,
-            "TRACEWATCH_REDIS_PREFIX": prefix,
-            "TRACEWATCH_CATALOG": data["catalog"],
-            "TRACEWATCH_WEB_PORT": str(port),
-        }
+        env = pipeline_env(svc, prefix, data["catalog"], TRACEWATCH_WEB_PORT=str(port))
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=ROOT
         )
@@ -159,9 +150,4 @@ def stream_file(
                 alerts[alert["alert_id"]] = alert
             return list(alerts.values())
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from streams.cli import follow_topic
-from streams.services import free_port, services
+from streams.services import free_port, services, stop_process
 from topics import names
 
 
@@ -105,11 +105,6 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
         except KeyboardInterrupt:
             pass
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)
         print("stopped")
     return 0 if by_rule else 1

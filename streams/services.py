@@ -180,3 +180,29 @@ def services() -> Iterator[Services]:
                 stack.callback(server.stop)
                 redis_url = server.url
         yield Services(bootstrap, redis_url, broker is not None, owned, broker)
+
+
+def pipeline_env(svc: Services, prefix: str, catalog: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker (or CLI call) on an isolated pipeline: its own topics and
+    Redis keys under `prefix`."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
+        "REDIS_URL": svc.redis_url,
+        "TRACEWATCH_TOPIC_PREFIX": prefix,
+        "TRACEWATCH_REDIS_PREFIX": prefix,
+        "TRACEWATCH_CATALOG": catalog,
+        **extra,
+    }
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, and SIGKILL if it has not stopped within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
