@@ -128,7 +128,7 @@ class Pipeline:
         self.catalog = catalog
         self.seen: set[str] = set()
         self.view = IngestView()
-        self.ledger = MemoryStage(LedgerStage(), track_applied)
+        self.ledger = MemoryStage(LedgerStage(grace_seconds), track_applied)
         self.codes = MemoryStage(CodeStage(grace_seconds), track_applied)
         self.verdicts = MemoryStage(VerdictStage())
         self.watermarks: dict[int, float] = {}

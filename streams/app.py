@@ -126,8 +126,9 @@ def build_app(settings: Settings) -> faust.App:
         )
         return StageProcessor(stage, store, producer, part_prefix=part_prefix)
 
-    ledger = processor(LedgerStage(), LEDGER_PART, part_prefix=LEDGER_PART)
-    codes = processor(CodeStage(settings.grace_hours * 3600), CODE_PART, part_prefix=CODE_PART)
+    grace = settings.grace_hours * 3600
+    ledger = processor(LedgerStage(grace), LEDGER_PART, part_prefix=LEDGER_PART)
+    codes = processor(CodeStage(grace), CODE_PART, part_prefix=CODE_PART)
     verdicts = processor(VerdictStage(), "V")
     stage_topics = {
         names.BY_LEDGER.name: ledger,

@@ -41,7 +41,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.institutions:
         for _ in iter_jsonl(_open_lines(args.institutions), args.institutions):
             pass  # validated only: no rule reads institutions yet
-    pipeline = Pipeline(catalog)
+    # the workers' grace period (TRACEWATCH_GRACE_HOURS), so replay and stream agree
+    pipeline = Pipeline(catalog, grace_seconds=Settings().grace_hours * 3600)
     dead = 0
     with contextlib.ExitStack() as files:
         out: IO[bytes] = (

@@ -192,7 +192,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
         )
     print(f"reading {names.EVENTS.name} ...", file=sys.stderr)
     messages, ends = read_input(bootstrap, names.EVENTS)
-    pipeline = Pipeline(catalog, track_applied=True)
+    pipeline = Pipeline(catalog, grace_seconds=settings.grace_hours * 3600, track_applied=True)
     partition_of_institution: dict[str, int] = {}
     seen_by_partition: dict[int, list[str]] = defaultdict(list)
     for p, value in messages:
