@@ -247,9 +247,16 @@ class CodeStage(BaseStage):
                             "dispensed_at": iso(ts),
                             "grace_hours": self.grace / 3600,
                             "checked_after": iso(ts + grace),
-                            # only what every run has seen by now: records up to the due time
+                            # Only what every run has seen when this lane's time passed the
+                            # due time: this institution's own sales of the box up to then.
+                            # Other institutions' sales travel in other lanes and may still be
+                            # on their way (their part is CROSS_INSTITUTION_SALE's evidence).
                             "dispenses_until_checked": _describe(
-                                [d for d in entry.get("d", ()) if d[_TS] <= ts + grace],
+                                [
+                                    d
+                                    for d in entry.get("d", ())
+                                    if d[_INST] == inst and d[_TS] <= ts + grace
+                                ],
                                 with_returns=False,
                             ),
                         },
