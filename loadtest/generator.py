@@ -618,7 +618,8 @@ class _Simulation:
         products = [p for p, boxes in self.shelf[inst].items() if len(boxes) > 1]
         if not products:
             return
-        target = self.rng.choice([i for i in self.g.recording if i != inst])
+        # sorted: a set's order changes with the process's hash seed, and the stream must not
+        target = self.rng.choice(sorted(i for i in self.g.recording if i != inst))
         name = self.rng.choice(products)
         box = self.shelf[inst][name][-1]
         if box.product is self.never[target]:

@@ -3,6 +3,8 @@ replay and through the streaming pipeline on a real broker and Redis."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from loadtest.generator import Generator, Rates
@@ -29,3 +31,26 @@ def test_small_loadtest_precision_and_recall_are_one(svc: Services, tmp_path: ob
     assert result.stream is not None
     assert result.stream.precision() == 1.0 and result.stream.recall() == 1.0
     assert not result.only_in_replay and not result.only_in_stream
+
+
+def test_generator_output_does_not_depend_on_the_hash_seed() -> None:
+    """Replay in one process and the stream's producer in another must see the same stream."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib; from loadtest.generator import Generator; "
+        "m, t, _ = Generator(4).generate(800); "
+        "print(hashlib.sha256(b''.join(m)).hexdigest(), len(t))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1
