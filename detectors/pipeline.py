@@ -37,6 +37,7 @@ from detectors.stage import (
     due_of,
     fire_due,
     lane_of,
+    raise_watermarks,
 )
 from detectors.verdicts import VerdictStage, head_record, part_record
 from topics.records import Alert, Event
@@ -98,9 +99,7 @@ class MemoryStage:
                     self.applied_by_key.setdefault(record["k"], []).append(record["id"])
         for key in {r["k"] for r in records}:
             self._park(key)
-        for mark_lane, ts in (watermarks or {}).items():
-            if ts > self.watermarks.get(mark_lane, float("-inf")):
-                self.watermarks[mark_lane] = ts
+        raise_watermarks(self.watermarks, watermarks or {})
         newest = max(self.watermarks.values(), default=float("-inf"))
         ready: list[str] = []
         for lane, heap in self._due.items():
@@ -141,9 +140,7 @@ class Pipeline:
         self.seen.add(event.key)
         routed = route(event, self.catalog, self.view)
         lane = lane_of(event.institution)
-        ts = event_watermark(event.occurred_ts, self._clock())
-        if ts > self.watermarks.get(lane, float("-inf")):
-            self.watermarks[lane] = ts
+        raise_watermarks(self.watermarks, {lane: event_watermark(event.occurred_ts, self._clock())})
         alerts = list(routed.alerts)
         records: list[Record] = []
         for stage, stage_records, part in (

@@ -170,6 +170,20 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
     return out
 
 
+def _header(event: Event, key: str, record_id: str, kind: str) -> dict[str, Any]:
+    """What every record carries: its key, its id (unique per event, line and key), what it
+    does, and the event it comes from."""
+    return {
+        "k": key,
+        "id": record_id,
+        "t": kind,
+        "inst": event.institution,
+        "ev": event.event_id,
+        "at": event.occurred_at,
+        "ts": event.occurred_ts,
+    }
+
+
 def _code_records(
     event: Event,
     cl: CheckedLine,
@@ -191,13 +205,7 @@ def _code_records(
     for scan in cl.codes:
         assert scan.key is not None
         record: dict[str, Any] = {
-            "k": scan.key,
-            "id": f"{event.key}|{line.line_no}|{scan.key}",
-            "t": kind,
-            "inst": event.institution,
-            "ev": event.event_id,
-            "at": event.occurred_at,
-            "ts": event.occurred_ts,
+            **_header(event, scan.key, f"{event.key}|{line.line_no}|{scan.key}", kind),
             "ln": line.line_no,
             "p": line.product,
             "raw": scan.raw,
@@ -224,13 +232,7 @@ def _stock_change_codes(event: Event, kind: str, view: IngestView, out: Routed) 
         assert key is not None
         out.codes.append(
             {
-                "k": key,
-                "id": f"{event.key}|{key}",
-                "t": kind,
-                "inst": event.institution,
-                "ev": event.event_id,
-                "at": event.occurred_at,
-                "ts": event.occurred_ts,
+                **_header(event, key, f"{event.key}|{key}", kind),
                 "p": event.product,
             }
         )
@@ -244,14 +246,8 @@ def _route_undo(event: Event, targets: list[Any] | None, kind: str, out: Routed)
     """
     for i, target in enumerate(targets or ()):
         record: dict[str, Any] = {
-            "k": target[1],
-            "id": f"{event.key}|{i}",
-            "t": kind,
+            **_header(event, target[1], f"{event.key}|{i}", kind),
             "vt": target[2],
-            "inst": event.institution,
-            "ev": event.event_id,
-            "at": event.occurred_at,
-            "ts": event.occurred_ts,
             "of": event.voided_event_id,
         }
         if target[0] == CODE_TARGET:
@@ -281,13 +277,12 @@ def _line_record(event: Event, cl: CheckedLine, vkey: str | None) -> dict[str, A
     product = cl.product
     units = product.units(line.quantity, line.unit) if product else line.quantity
     record: dict[str, Any] = {
-        "k": ledger_key(event.institution, line.product),
-        "id": f"{event.key}|{line.line_no}",
-        "t": event.type,
-        "inst": event.institution,
-        "ev": event.event_id,
-        "at": event.occurred_at,
-        "ts": event.occurred_ts,
+        **_header(
+            event,
+            ledger_key(event.institution, line.product),
+            f"{event.key}|{line.line_no}",
+            event.type,
+        ),
         "p": line.product,
         "ln": line.line_no,
         "u": units,
@@ -311,13 +306,7 @@ def _product_record(event: Event, catalog: Catalog) -> dict[str, Any]:
     product = catalog.get(event.product)
     units = product.units(event.quantity, event.unit) if product else event.quantity
     record: dict[str, Any] = {
-        "k": ledger_key(event.institution, event.product),
-        "id": event.key,
-        "t": event.type,
-        "inst": event.institution,
-        "ev": event.event_id,
-        "at": event.occurred_at,
-        "ts": event.occurred_ts,
+        **_header(event, ledger_key(event.institution, event.product), event.key, event.type),
         "p": event.product,
         "u": units,
         "q": event.quantity,

@@ -19,8 +19,8 @@ from topics.records import Alert
 
 Record = dict[str, Any]
 State = dict[str, Any]
-# Event time per watermark lane (`detectors.pipeline.lane_of`): each lane's time advances with
-# its own institutions' events only, so a lagging input partition never fires another's checks.
+# Event time per watermark lane (`lane_of`): each lane's time advances with its own
+# institutions' events only, so a lagging input partition never fires another's checks.
 Watermarks = Mapping[int, float]
 LANES = 16
 
@@ -103,6 +103,13 @@ class BaseStage:
         entry.pop("due", None)
         entry.pop("dl", None)
         state[key] = entry
+
+
+def raise_watermarks(current: dict[int, float], offered: Watermarks) -> dict[int, float]:
+    """Move `current` forward to `offered` lane by lane (never back); returns the lanes moved."""
+    raised = {lane: ts for lane, ts in offered.items() if ts > current.get(lane, float("-inf"))}
+    current.update(raised)
+    return raised
 
 
 def due_of(state: State | None) -> float | None:

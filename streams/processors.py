@@ -40,6 +40,7 @@ from detectors.stage import (
     due_lane,
     fire_due,
     lane_of,
+    raise_watermarks,
 )
 from detectors.verdicts import head_record, part_record
 from streams import metrics
@@ -171,11 +172,10 @@ class IngestProcessor:
                 metrics.EVENTS_IN.labels(event.type).inc()
                 metrics.EVENT_LAG.observe(max(0.0, now - event.occurred_ts))
                 lane = lane_of(event.institution)
-                ts = event_watermark(event.occurred_ts, now)
-                if ts > lanes.get(lane, float("-inf")):
-                    if lane in lanes:
-                        metrics.WATERMARK.inc(ts - lanes[lane])
-                    lanes[lane] = ts
+                before = lanes.get(lane)
+                moved = raise_watermarks(lanes, {lane: event_watermark(event.occurred_ts, now)})
+                if moved and before is not None:
+                    metrics.WATERMARK.inc(lanes[lane] - before)
                 self._route(event, catalog, view, out)
             saves.append((p, list(batch_keys), view))
         if lanes:
@@ -229,10 +229,8 @@ class StageProcessor:
         for msg in messages:
             packed = orjson.loads(msg.value)
             by_partition[msg.partition].extend(packed["r"])
-            lanes = offered[msg.partition]
-            for lane, ts in (packed["w"] or {}).items():
-                if ts > lanes.get(int(lane), float("-inf")):
-                    lanes[int(lane)] = ts
+            lanes = {int(lane): ts for lane, ts in (packed["w"] or {}).items()}
+            raise_watermarks(offered[msg.partition], lanes)
         owned = [p for p in by_partition if p in self.store.generations]
         for p in by_partition.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
@@ -261,12 +259,8 @@ class StageProcessor:
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
             new = set(new_ids)
             touched = {r["k"] for r in records if r["id"] in new}
-            raised = {
-                lane: ts
-                for lane, ts in offered[p].items()
-                if ts > batch.watermarks.get(lane, float("-inf"))
-            }
-            watermarks = {**batch.watermarks, **raised}
+            watermarks = dict(batch.watermarks)
+            raised = raise_watermarks(watermarks, offered[p])
             fired = fire_due(self.stage, [*batch.due, *touched], state, watermarks, result)
             metrics.FIRED.labels(self.stage.name).inc(len(fired))
             if not new_ids and not fired and not raised and not batch.due:
