@@ -36,6 +36,7 @@ from detectors.stage import (
     due_lane,
     due_of,
     fire_due,
+    is_due,
     lane_of,
     raise_watermarks,
 )
@@ -81,37 +82,62 @@ class MemoryStage:
         self.watermarks: dict[int, float] = {}
         # per watermark lane, a heap of (due, key); stale entries are skipped when popped
         self._due: dict[int | None, list[tuple[float, str]]] = {}
+        # lanes holding a key its own lane has passed but that waits for other lanes too (a
+        # cross-institution check): looked at again whenever any lane moves
+        self._stalled: set[int | None] = set()
 
-    def _park(self, key: str) -> None:
+    def _park(self, key: str, dirty: set[int | None]) -> None:
         state = self.state.get(key)
         due = due_of(state)
         if due is not None:
-            heapq.heappush(self._due.setdefault(due_lane(state), []), (due, key))
+            lane = due_lane(state)
+            heapq.heappush(self._due.setdefault(lane, []), (due, key))
+            dirty.add(lane)
 
     def apply(
         self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
     ) -> None:
-        new_ids = apply_records(self.stage, records, self.state, self.applied, out)
-        if self.applied_by_key is not None and new_ids:
-            fresh = set(new_ids)
-            for record in records:
-                if record["id"] in fresh:
-                    self.applied_by_key.setdefault(record["k"], []).append(record["id"])
-        for key in {r["k"] for r in records}:
-            self._park(key)
-        raise_watermarks(self.watermarks, watermarks or {})
-        newest = max(self.watermarks.values(), default=float("-inf"))
+        """`watermarks`: the lanes that moved (or all of them; lanes never move back). Only the
+        heaps of moved lanes and of lanes something was parked in are looked at."""
+        dirty: set[int | None] = set()
+        if records:
+            new_ids = apply_records(self.stage, records, self.state, self.applied, out)
+            if self.applied_by_key is not None and new_ids:
+                fresh = set(new_ids)
+                for record in records:
+                    if record["id"] in fresh:
+                        self.applied_by_key.setdefault(record["k"], []).append(record["id"])
+            touched = {r["k"] for r in records}
+            for key in touched:
+                self._park(key, dirty)
+        else:
+            touched = set()
+        if watermarks and raise_watermarks(self.watermarks, watermarks):
+            dirty.update(watermarks)
+            dirty.add(None)
+            dirty |= self._stalled
+            self._stalled.clear()
         ready: list[str] = []
-        for lane, heap in self._due.items():
-            mark = self.watermarks.get(lane, float("-inf")) if lane is not None else newest
+        for lane in dirty:
+            heap = self._due.get(lane)
+            if not heap:
+                continue
+            if lane is None:
+                mark = max(self.watermarks.values(), default=float("-inf"))
+            else:
+                mark = self.watermarks.get(lane, float("-inf"))
             while heap and heap[0][0] <= mark:
                 due, key = heapq.heappop(heap)
                 state = self.state.get(key)
                 if due_of(state) == due and due_lane(state) == lane:
                     ready.append(key)
-        for key in fire_due(self.stage, ready, self.state, self.watermarks, out):
-            self._park(key)
-        for key in {r["k"] for r in records}.union(ready):
+        if ready:
+            for key in fire_due(self.stage, ready, self.state, self.watermarks, out):
+                self._park(key, dirty)
+                if is_due(self.state.get(key), self.watermarks):
+                    self._stalled.add(due_lane(self.state.get(key)))
+            touched.update(ready)
+        for key in touched:
             if not self.state.get(key, True):
                 del self.state[key]
 
@@ -140,7 +166,9 @@ class Pipeline:
         self.seen.add(event.key)
         routed = route(event, self.catalog, self.view)
         lane = lane_of(event.institution)
-        raise_watermarks(self.watermarks, {lane: event_watermark(event.occurred_ts, self._clock())})
+        moved = raise_watermarks(
+            self.watermarks, {lane: event_watermark(event.occurred_ts, self._clock())}
+        )
         alerts = list(routed.alerts)
         records: list[Record] = []
         for stage, stage_records, part in (
@@ -148,7 +176,7 @@ class Pipeline:
             (self.codes, routed.codes, CODE_PART),
         ):
             out = StageOutput()
-            stage.apply(stage_records, out, self.watermarks)
+            stage.apply(stage_records, out, moved)
             alerts.extend(out.alerts)
             records += [part_record(key, f"{part}0", lines) for key, lines in out.parts.items()]
         out = StageOutput()

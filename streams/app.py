@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from prometheus_client import generate_latest
@@ -32,7 +31,7 @@ from detectors.verdicts import VerdictStage
 from streams import metrics
 from streams.output import OutputProducer
 from streams.processors import IngestProcessor, Message, StageProcessor
-from streams.redis_state import IngestStore, StageStore
+from streams.redis_state import IngestStore, StageStore, connect
 from streams.reference import CatalogCache
 from streams.settings import Settings
 from topics import names
@@ -106,7 +105,7 @@ def build_app(settings: Settings) -> faust.App:
         # No Faust tables are used; a private datadir keeps two workers on one host apart.
         datadir=tempfile.mkdtemp(prefix="tracewatch-faust-"),
     )
-    redis_client = aioredis.Redis.from_url(settings.redis_url)
+    redis_client = connect(settings.redis_url)
     producer = OutputProducer(bootstrap)
     catalog = CatalogCache(redis_client, settings.redis_prefix)
     ingest = IngestProcessor(

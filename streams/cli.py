@@ -176,16 +176,15 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from streams.output import OutputProducer
+    from streams.redis_state import connect
     from streams.reference import CatalogCache
 
     settings = Settings()
     catalog = load_catalog(args.file)
 
     async def publish() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         producer = OutputProducer(settings.kafka_bootstrap) if settings.kafka_bootstrap else None
         try:
             await CatalogCache(client, settings.redis_prefix).publish(catalog, producer)
@@ -204,14 +203,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from streams.ledger_view import ledger_figures
+    from streams.redis_state import connect
 
     settings = Settings()
 
     async def read() -> list[dict[str, Any]]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         try:
             return await ledger_figures(client, settings, args.institution, args.product)
         finally:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from detectors.catalog import Catalog
 from detectors.pipeline import CODE_PART, LEDGER_PART, MemoryStage, Pipeline, partition_of
+from streams.redis_state import IngestStore, StageStore, connect
 from topics import names
 from topics.records import InvalidEvent, parse_event
 
@@ -85,8 +86,6 @@ async def write_state(
     partition_of_institution: dict[str, int],
     seen_by_partition: dict[int, list[str]],
 ) -> dict[str, int]:
-    from streams.redis_state import IngestStore
-
     counts: dict[str, int] = {}
     for tag, memory, topic in (
         (LEDGER_PART, pipeline.ledger, names.BY_LEDGER),
@@ -119,8 +118,6 @@ async def write_state(
 async def _write_stage(
     client: aioredis.Redis, settings: Any, tag: str, memory: MemoryStage, topic: names.TopicSpec
 ) -> int:
-    from streams.redis_state import StageStore
-
     store = StageStore(
         client,
         settings.redis_prefix,
@@ -178,7 +175,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
     bootstrap = settings.require_kafka()
 
     async def check_empty() -> bool:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         try:
             return await prefix_is_empty(client, settings.redis_prefix)
         finally:
@@ -207,7 +204,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
     print(f"replayed {len(messages)} messages; writing state ...", file=sys.stderr)
 
     async def write() -> dict[str, int]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         try:
             return await write_state(
                 client, settings, pipeline, partition_of_institution, seen_by_partition

@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 
@@ -153,6 +154,24 @@ if n_index > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 for i = at + 2 * n_index + 1, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
 return 1
 """
+
+
+class _HiredisPackingConnection(aioredis.Connection):
+    """Packs commands with hiredis, as redis-py's synchronous client already does; its asyncio
+    client packs them in Python, argument by argument. A stage's save of a 1,000-key batch is
+    about 7,000 arguments: packing them was ~8% of a worker's time, five times hiredis's."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+def connect(url: str) -> aioredis.Redis:
+    """The asyncio client every part of the project uses (plain TCP gets hiredis packing)."""
+    if url.startswith("redis://"):
+        return aioredis.Redis.from_url(url, connection_class=_HiredisPackingConnection)
+    return aioredis.Redis.from_url(url)
 
 
 class PartitionLost(RuntimeError):

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from detectors.code_state import CodeStage
 from detectors.ledger import LedgerStage
 from detectors.stage import lane_of
-from streams.redis_state import IngestStore, PartitionLost, StageStore
+from streams.redis_state import IngestStore, PartitionLost, StageStore, connect
 from streams.services import Services
 
 T = TypeVar("T")
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def with_redis(svc: Services, body: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     async def main() -> T:
-        client = aioredis.Redis.from_url(svc.redis_url)
+        client = connect(svc.redis_url)
         try:
             return await body(client)
         finally:
