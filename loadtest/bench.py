@@ -157,6 +157,34 @@ class Workers:
         for proc, port in self.procs:
             _wait_for_worker(port, proc, timeout=90)
 
+    def assigned(self, topic_suffix: str = "-events") -> list[int]:
+        """Partitions of the input topic each worker holds (its `/metrics`)."""
+        import re
+        import urllib.request
+
+        pattern = re.compile(
+            rf'^tracewatch_assigned_partitions{{topic="[^"]*{re.escape(topic_suffix)}"}} (\S+)$',
+            re.M,
+        )
+        held = []
+        for _, port in self.procs:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                found = pattern.search(r.read().decode())
+            held.append(int(float(found.group(1))) if found else 0)
+        return held
+
+    def wait_settled(self, partitions: int, timeout: float = 180) -> None:
+        """Until every worker holds a share of the input topic and they hold all of it: a
+        throughput figure must not include the group forming (on the embedded broker each
+        rebalance waits out a session timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            held = self.assigned()
+            if sum(held) == partitions and all(held):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"workers hold {self.assigned()} of {partitions} partitions")
+
     def peak_rss_mb(self) -> float:
         return max(peak_rss_mb(proc.pid) for proc, _ in self.procs)
 
@@ -218,6 +246,8 @@ def run(events: int, workers: int, latency_seconds: float) -> dict[str, Any]:
         log(f"starting {workers} worker(s)")
         pool = Workers(env, workers)
         try:
+            pool.wait_settled(topics["events"].partitions)
+            log(f"workers hold {pool.assigned()} input partitions")
             log(f"end to end: producing {len(lines)} events while the workers run")
             start = time.perf_counter()
             producer = threading.Thread(

@@ -100,6 +100,8 @@ def build_app(settings: Settings) -> faust.App:
         stream_buffer_maxsize=65536,
         broker_max_poll_records=settings.batch_size * 2,
         consumer_max_fetch_size=8 * 1024 * 1024,
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.session_timeout / 5,
         value_serializer="raw",
         key_serializer="raw",
         # No Faust tables are used; a private datadir keeps two workers on one host apart.
@@ -161,6 +163,8 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        for spec in (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):
+            metrics.ASSIGNED.labels(spec.name).set(sum(tp.topic == spec.name for tp in assigned))
         for topic_name, processor in stage_topics.items():
             mine = {tp.partition for tp in assigned if tp.topic == topic_name}
             held = set(processor.store.generations)
@@ -169,6 +173,9 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        for spec in (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):
+            gone = sum(1 for tp in revoked if tp.topic == spec.name)
+            metrics.ASSIGNED.labels(spec.name).dec(gone)
         for topic_name, processor in stage_topics.items():
             processor.store.release(tp.partition for tp in revoked if tp.topic == topic_name)
 

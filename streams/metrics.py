@@ -3,7 +3,7 @@ no per-code or per-institution labels (their cardinality would sink Prometheus).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_IN = Counter("tracewatch_events_total", "Input events accepted, by type", ["type"])
 RESUBMISSIONS = Counter(
@@ -61,4 +61,9 @@ FIRED = Counter(
 WATERMARK = Counter(
     "tracewatch_watermark_advance_seconds_total",
     "Event time the ingest watermark has advanced by: flat while traffic flows means a stall",
+)
+ASSIGNED = Gauge(
+    "tracewatch_assigned_partitions",
+    "Partitions of each input topic this worker holds: zero everywhere means it is not working",
+    ["topic"],
 )

@@ -8,6 +8,7 @@
 | `TRACEWATCH_BATCH_SIZE` | `1000` | Events per agent batch. Larger = fewer Redis/Kafka round trips, more latency. |
 | `TRACEWATCH_BATCH_WITHIN` | `0.05` | Seconds a batch waits to fill. The latency floor per stage. |
 | `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Consumer fetch wait. The embedded broker holds an empty fetch this long even when data arrives; Faust's 1500 ms default halves throughput there. |
+| `TRACEWATCH_SESSION_TIMEOUT` | `10` | Seconds of silence before the group drops a worker (heartbeats every fifth of it). Also what one rebalance costs on the embedded broker, which elects only when this runs out; Faust's 60 s default stalled the pipeline for a minute there. |
 | `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
 | `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long ingest remembers an event: to drop client resubmissions of it, and to resolve a `void` or `settlement_cancel` that names it. |
 | `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
@@ -56,6 +57,9 @@ class Settings:
     batch_within: float = field(default_factory=lambda: _env_float("TRACEWATCH_BATCH_WITHIN", 0.05))
     fetch_max_wait_ms: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_FETCH_MAX_WAIT_MS", 20)
+    )
+    session_timeout: float = field(
+        default_factory=lambda: _env_float("TRACEWATCH_SESSION_TIMEOUT", 10.0)
     )
     web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
