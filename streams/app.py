@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from prometheus_client import generate_latest
@@ -53,6 +54,17 @@ def _create_worker_consumer(self: Any, transport: Any) -> Any:
 
 faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
 
+_original_on_join_leader = CoordinatorGroupRebalance._on_join_leader
+
+
+async def _on_join_leader_after_followers(self: Any, response: Any) -> Any:
+    # The embedded broker marks the group synced as soon as the leader's SyncGroup (holding
+    # every member's assignment) arrives, and answers a follower's later SyncGroup with
+    # INVALID_REQUEST; that follower then rejoins and the group waits out a session timeout
+    # before the next election. Followers send theirs at once, so the leader waits a moment.
+    await asyncio.sleep(0.5)
+    return await _original_on_join_leader(self, response)
+
 
 def _messages(events: Any) -> list[Message]:
     return [
@@ -83,6 +95,8 @@ async def _with_retry(
 def build_app(settings: Settings) -> faust.App:
     global _fetch_max_wait_ms
     _fetch_max_wait_ms = settings.fetch_max_wait_ms
+    if settings.embedded_broker:
+        CoordinatorGroupRebalance._on_join_leader = _on_join_leader_after_followers
     bootstrap = settings.require_kafka()
     app = faust.App(
         names.APP_ID,

@@ -37,6 +37,12 @@ BATCH_SECONDS = Histogram(
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
+PHASE_SECONDS = Histogram(
+    "tracewatch_batch_phase_seconds",
+    "Time of one phase of a batch: load (Redis), apply (detectors), flush (Kafka), save (Redis)",
+    ["stage", "phase"],
+    buckets=_LATENCY_BUCKETS,
+)
 PROCESSING_LATENCY = Histogram(
     "tracewatch_processing_latency_seconds",
     "From the input message's Kafka timestamp to the end of its batch at a stage",

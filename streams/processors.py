@@ -147,6 +147,7 @@ class IngestProcessor:
                 continue
             by_partition[msg.partition].append(event)
         partitions = list(by_partition)
+        phase = _Phases("ingest")
         loaded = await asyncio.gather(
             *(
                 self._store.load(
@@ -158,6 +159,7 @@ class IngestProcessor:
                 for p in partitions
             )
         )
+        phase("load")
         catalog = self._catalog()
         saves: list[tuple[int, list[str], IngestView]] = []
         lanes = self._watermarks
@@ -181,10 +183,13 @@ class IngestProcessor:
         if lanes:
             out.watermarks(names.BY_CODE, dict(lanes))
             out.watermarks(names.BY_LEDGER, dict(lanes))
+        phase("apply")
         await out.flush()
+        phase("flush")
         await asyncio.gather(
             *(self._store.save(p, keys, view.added, view.new_receivers) for p, keys, view in saves)
         )
+        phase("save")
         _observe_latency("ingest", messages)
 
     @staticmethod
@@ -235,6 +240,7 @@ class StageProcessor:
         for p in by_partition.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
             metrics.PARTITIONS_LOST.inc()
+        phase = _Phases(self.stage.name)
         loaded = await asyncio.gather(
             *(
                 self.store.load(
@@ -246,6 +252,7 @@ class StageProcessor:
                 for p in owned
             )
         )
+        phase("load")
         out = Emitter(self._producer)
         saves: list[tuple[int, dict[str, Any], list[str], dict[int, float], dict[str, int]]] = []
         for p, batch in zip(owned, loaded, strict=True):
@@ -275,11 +282,14 @@ class StageProcessor:
             # their state (a receipt may have cleared the check, a void removed the state)
             keys = touched.union(fired, batch.due)
             saves.append((p, {k: state.get(k, {}) for k in keys}, new_ids, raised, lanes_before))
+        phase("apply")
         await out.flush()
+        phase("flush")
         results = await asyncio.gather(
             *(self.store.save(p, s, ids, w, lanes) for p, s, ids, w, lanes in saves),
             return_exceptions=True,
         )
+        phase("save")
         for outcome in results:
             if isinstance(outcome, PartitionLost):
                 log.warning("%s", outcome)
@@ -287,6 +297,22 @@ class StageProcessor:
             elif isinstance(outcome, BaseException):
                 raise outcome
         _observe_latency(self.stage.name, messages)
+
+
+class _Phases:
+    """Times the phases of one batch into `tracewatch_batch_phase_seconds`: which of Redis,
+    the detectors or Kafka a slow stage waits on."""
+
+    __slots__ = ("_last", "_stage")
+
+    def __init__(self, stage: str) -> None:
+        self._stage = stage
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        metrics.PHASE_SECONDS.labels(self._stage, phase).observe(now - self._last)
+        self._last = now
 
 
 def _observe_latency(stage: str, messages: list[Message]) -> None:

@@ -192,6 +192,7 @@ def pipeline_env(svc: Services, prefix: str, catalog: str, **extra: str) -> dict
         "TRACEWATCH_TOPIC_PREFIX": prefix,
         "TRACEWATCH_REDIS_PREFIX": prefix,
         "TRACEWATCH_CATALOG": catalog,
+        "TRACEWATCH_EMBEDDED_BROKER": "1" if svc.kafka_embedded else "",
         **extra,
     }
 

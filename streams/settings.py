@@ -9,6 +9,7 @@
 | `TRACEWATCH_BATCH_WITHIN` | `0.05` | Seconds a batch waits to fill. The latency floor per stage. |
 | `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Consumer fetch wait. The embedded broker holds an empty fetch this long even when data arrives; Faust's 1500 ms default halves throughput there. |
 | `TRACEWATCH_SESSION_TIMEOUT` | `10` | Seconds of silence before the group drops a worker (heartbeats every fifth of it). Also what one rebalance costs on the embedded broker, which elects only when this runs out; Faust's 60 s default stalled the pipeline for a minute there. |
+| `TRACEWATCH_EMBEDDED_BROKER` | (empty) | `1` when `KAFKA_BOOTSTRAP` is the embedded broker (the project's own tools set it): the group leader then waits 0.5 s before it sends the assignment, because that broker rejects a follower's SyncGroup once the leader's arrived first, and the follower sits out a session timeout. |
 | `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
 | `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long ingest remembers an event: to drop client resubmissions of it, and to resolve a `void` or `settlement_cancel` that names it. |
 | `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
@@ -54,12 +55,15 @@ class Settings:
         default_factory=lambda: os.environ.get("TRACEWATCH_REDIS_PREFIX", "tw")
     )
     batch_size: int = field(default_factory=lambda: _env_int("TRACEWATCH_BATCH_SIZE", 1000))
-    batch_within: float = field(default_factory=lambda: _env_float("TRACEWATCH_BATCH_WITHIN", 0.05))
+    batch_within: float = field(default_factory=lambda: _env_float("TRACEWATCH_BATCH_WITHIN", 0.1))
     fetch_max_wait_ms: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_FETCH_MAX_WAIT_MS", 20)
     )
     session_timeout: float = field(
         default_factory=lambda: _env_float("TRACEWATCH_SESSION_TIMEOUT", 10.0)
+    )
+    embedded_broker: bool = field(
+        default_factory=lambda: os.environ.get("TRACEWATCH_EMBEDDED_BROKER", "") == "1"
     )
     web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
