@@ -63,7 +63,7 @@ def produce(
 
     from streams.output import producer_config
 
-    producer = Producer(producer_config(bootstrap, **{"linger.ms": 2}))
+    producer = Producer(producer_config(bootstrap))
     sent: dict[str, float] = {}
     start = time.monotonic()
     for i, line in enumerate(lines):

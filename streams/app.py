@@ -66,6 +66,9 @@ async def _on_join_leader_after_followers(self: Any, response: Any) -> Any:
     return await _original_on_join_leader(self, response)
 
 
+_INPUTS = (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS)
+
+
 def _messages(events: Any) -> list[Message]:
     return [
         Message(e.message.partition, e.message.offset, e.message.timestamp, e.value) for e in events
@@ -177,7 +180,7 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
-        for spec in (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):
+        for spec in _INPUTS:
             metrics.ASSIGNED.labels(spec.name).set(sum(tp.topic == spec.name for tp in assigned))
         for topic_name, processor in stage_topics.items():
             mine = {tp.partition for tp in assigned if tp.topic == topic_name}
@@ -187,7 +190,7 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
-        for spec in (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):
+        for spec in _INPUTS:
             gone = sum(1 for tp in revoked if tp.topic == spec.name)
             metrics.ASSIGNED.labels(spec.name).dec(gone)
         for topic_name, processor in stage_topics.items():

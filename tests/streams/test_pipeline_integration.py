@@ -200,6 +200,9 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
     assert all(f'tracewatch_alerts_total{{rule="{rule}"}}' in metrics for rule in rules)
     assert "tracewatch_dead_letters_total" in metrics
     assert "tracewatch_resubmissions_total" in metrics
+    # the one worker holds every input partition
+    held = f'tracewatch_assigned_partitions{{topic="{pipe.topic("events")}"}} 16.0'
+    assert held in metrics
 
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
