@@ -86,6 +86,19 @@ class Run:
             "settlement", list(codes), inst, hour, settlement_id=sid or f"SID{self._n}", **kw
         )
 
+    def transfer(self, code: str, inst: str, hour: float, direction: str) -> str:
+        """A stock change moving one box of XA001 out of or into `inst`."""
+        quantity = 1 if direction == "in" else -1
+        return self.send(
+            "stock_change",
+            inst=inst,
+            hour=hour,
+            product="XA001",
+            quantity=quantity,
+            reason=f"transfer_{direction}",
+            codes=[code],
+        )
+
     def rules(self) -> list[str]:
         """The code rules raised (these scenarios sell boxes no ledger holds: OVERSOLD is the
         ledger's business, tested in test_ledger.py)."""
@@ -266,24 +279,8 @@ def test_recycled_box_is_cross_institution_then_no_provenance() -> None:
 def test_transfer_between_institutions_is_a_receipt() -> None:
     run = Run(grace_hours=1)
     run.buy(A1, inst="P1")
-    run.send(
-        "stock_change",
-        inst="P1",
-        hour=1,
-        product="XA001",
-        quantity=-1,
-        reason="transfer_out",
-        codes=[A1],
-    )
-    run.send(
-        "stock_change",
-        inst="P2",
-        hour=2,
-        product="XA001",
-        quantity=1,
-        reason="transfer_in",
-        codes=[A1],
-    )
+    run.transfer(A1, "P1", 1, "out")
+    run.transfer(A1, "P2", 2, "in")
     run.settle(A1, inst="P2", hour=3)
     run.buy(A2, inst="P1", hour=9)
     assert run.rules() == []
@@ -388,24 +385,8 @@ def test_transferred_box_waits_for_a_late_return_before_cross_institution() -> N
     run = Run(grace_hours=24)
     run.buy(A1, inst="P1")
     run.settle(A1, inst="P1", hour=1)
-    run.send(
-        "stock_change",
-        inst="P1",
-        hour=3,
-        product="XA001",
-        quantity=-1,
-        reason="transfer_out",
-        codes=[A1],
-    )
-    run.send(
-        "stock_change",
-        inst="P2",
-        hour=4,
-        product="XA001",
-        quantity=1,
-        reason="transfer_in",
-        codes=[A1],
-    )
+    run.transfer(A1, "P1", 3, "out")
+    run.transfer(A1, "P2", 4, "in")
     run.settle(A1, inst="P2", hour=5)
     assert run.rules() == []  # parked: P2 holds a receipt of the box
     run.lines("sale_return", [A1], inst="P1", hour=2)  # P1's daily batch
@@ -418,15 +399,7 @@ def test_transferred_box_never_returned_is_cross_institution_after_grace() -> No
     run = Run(grace_hours=24)
     run.buy(A1, inst="P1")
     first = run.settle(A1, inst="P1", hour=1)
-    run.send(
-        "stock_change",
-        inst="P2",
-        hour=4,
-        product="XA001",
-        quantity=1,
-        reason="transfer_in",
-        codes=[A1],
-    )
+    run.transfer(A1, "P2", 4, "in")
     resale = run.settle(A1, inst="P2", hour=5)
     run.buy("81000010000000000091", inst="P2", hour=40)
     assert run.rules() == []  # P1's lane has not passed the grace yet
