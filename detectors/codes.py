@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 
+from biip.checksums import gs1_standard_check_digit
 from biip.gs1_messages import GS1Message
 from biip.gtin import Gtin
 
@@ -112,8 +113,27 @@ def _classify_cached(raw: str) -> ScannedCode:
     )
 
 
+# The common GS1 spellings of a pack - GTIN and serial only, alphanumeric serial, machine or
+# HRI form - whose full GS1 parse (biip) was the costliest step of ingest. Anything else, and
+# any GTIN whose check digit fails (for biip's error text), goes through biip.
+_GTIN_SERIAL = re.compile(r"01(\d{14})21([0-9A-Za-z]{1,20})")
+_GTIN_SERIAL_HRI = re.compile(r"\(01\)(\d{14})\(21\)([0-9A-Za-z]{1,20})")
+
+
 def _classify_gs1(raw: str, text: str) -> ScannedCode | None:
     """None when the text is not GS1 at all (so the caller reports the generic reason)."""
+    match = _GTIN_SERIAL.fullmatch(text) or _GTIN_SERIAL_HRI.fullmatch(text)
+    if match is not None:
+        gtin, serial = match.groups()
+        if gs1_standard_check_digit(gtin[:-1]) == int(gtin[-1]):
+            serial = serial.upper()
+            return ScannedCode(
+                raw, CodeKind.GS1, key=f"01{gtin}21{serial}", gtin=gtin, serial=serial
+            )
+    return _parse_gs1(raw, text)
+
+
+def _parse_gs1(raw: str, text: str) -> ScannedCode | None:
     try:
         if text.startswith("("):
             message = GS1Message.parse_hri(text.replace(_GS, ""))
@@ -134,7 +154,7 @@ def _classify_gs1(raw: str, text: str) -> ScannedCode | None:
         return ScannedCode(
             raw, CodeKind.INVALID, gtin=gtin_es.value, error="GS1 string without serial (21)"
         )
-    gtin = Gtin.parse(gtin_es.value).as_gtin_14()
+    gtin = gtin_es.gtin.as_gtin_14() if gtin_es.gtin else Gtin.parse(gtin_es.value).as_gtin_14()
     serial = serial_es.value.upper()
     expiry_es = fields.get("17")
     batch_es = fields.get("10")

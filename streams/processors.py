@@ -22,7 +22,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +73,15 @@ class Emitter:
         self._producer = producer
         self._packed: dict[tuple[str, int], list[Record]] = defaultdict(list)
         self._watermarks: dict[str, dict[int, float]] = {}
+        self._detected_at: str | None = None  # one clock reading per batch, not per event
 
     def alerts(self, alerts: list[Alert]) -> None:
-        detected = _iso_now()
+        if not alerts:
+            return
+        if self._detected_at is None:
+            self._detected_at = _iso_now()
         for alert in alerts:
-            alert.detected_at = detected
+            alert.detected_at = self._detected_at
             self._producer.produce(names.ALERTS.name, alert.to_json(), alert.alert_id)
             metrics.ALERTS.labels(alert.rule).inc()
 
@@ -163,6 +167,8 @@ class IngestProcessor:
         catalog = self._catalog()
         saves: list[tuple[int, list[str], IngestView]] = []
         lanes = self._watermarks
+        accepted: Counter[str] = Counter()
+        lag = metrics.EVENT_LAG
         for p, (seen_flags, index, receivers) in zip(partitions, loaded, strict=True):
             view = IngestView(index, receivers)
             batch_keys: set[str] = set()
@@ -171,8 +177,8 @@ class IngestProcessor:
                     metrics.RESUBMISSIONS.inc()
                     continue
                 batch_keys.add(event.key)
-                metrics.EVENTS_IN.labels(event.type).inc()
-                metrics.EVENT_LAG.observe(max(0.0, now - event.occurred_ts))
+                accepted[event.type] += 1
+                lag.observe(max(0.0, now - event.occurred_ts))
                 lane = lane_of(event.institution)
                 before = lanes.get(lane)
                 moved = raise_watermarks(lanes, {lane: event_watermark(event.occurred_ts, now)})
@@ -180,6 +186,8 @@ class IngestProcessor:
                     metrics.WATERMARK.inc(lanes[lane] - before)
                 self._route(event, catalog, view, out)
             saves.append((p, list(batch_keys), view))
+        for etype, count in accepted.items():
+            metrics.EVENTS_IN.labels(etype).inc(count)
         if lanes:
             out.watermarks(names.BY_CODE, dict(lanes))
             out.watermarks(names.BY_LEDGER, dict(lanes))

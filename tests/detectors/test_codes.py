@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detectors.codes import CodeKind, classify
+from detectors.codes import CodeKind, _classify_gs1, _parse_gs1, classify
 
 GS1_KEY = "010691234567890221XYZ123"
 CN = "81234567890123456789"
@@ -116,3 +116,16 @@ def test_equivalent_gs1_spellings_map_to_one_key(payload: str, serial: str, sid:
     ]
     keys = {classify(s).key for s in spellings}
     assert keys == {f"01{gtin}21{serial}"}
+
+
+@given(
+    st.text(alphabet="0123456789", min_size=13, max_size=15),
+    st.booleans(),
+    st.text(alphabet="aZ09xY(-/", min_size=0, max_size=22),
+    st.booleans(),
+)
+def test_gs1_fast_path_agrees_with_biip(digits: str, valid: bool, serial: str, hri: bool) -> None:
+    """GTIN + serial scans skip biip's full parse; whatever they answer, biip answers too."""
+    gtin = _gtin14(digits[:13]) if valid and len(digits) >= 13 else digits
+    text = f"(01){gtin}(21){serial}" if hri else f"01{gtin}21{serial}"
+    assert _classify_gs1(text, text) == _parse_gs1(text, text)
