@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from detectors.codes import CodeKind, _classify_gs1, _parse_gs1, classify
@@ -124,6 +124,9 @@ def test_equivalent_gs1_spellings_map_to_one_key(payload: str, serial: str, sid:
     st.text(alphabet="aZ09xY(-/", min_size=0, max_size=22),
     st.booleans(),
 )
+@example("0000000000000", True, "A", False)  # all-zero GTIN
+@example("9501101530003", True, "12345678901234567890", True)  # longest serial
+@example("9501101530003", True, "123456789012345678901", False)  # one too long
 def test_gs1_fast_path_agrees_with_biip(digits: str, valid: bool, serial: str, hri: bool) -> None:
     """GTIN + serial scans skip biip's full parse; whatever they answer, biip answers too."""
     gtin = _gtin14(digits[:13]) if valid and len(digits) >= 13 else digits
