@@ -100,8 +100,12 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
             )
             print(f"  metrics: http://127.0.0.1:{web_port}/metrics")
             if not exit_when_done:
-                print("running; Ctrl-C stops the worker, broker and Redis")
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                print("running; Ctrl-C stops the worker, broker and Redis", flush=True)
+                # sigwait only sees signals that are blocked: unblocked, Ctrl-C went to Python's
+                # handler, which cannot run while sigwait waits, and the demo never stopped.
+                stop = {signal.SIGINT, signal.SIGTERM}
+                signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+                signal.sigwait(stop)
         except KeyboardInterrupt:
             pass
         finally:

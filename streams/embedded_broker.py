@@ -167,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     cluster = MockCluster()
     stop = threading.Event()
+    hosted = not sys.stdin.isatty()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Hosted, a terminal's Ctrl-C reaches the whole process group at once; the host stops the
+    # workers first (they commit offsets and leave the group through this broker) and then
+    # closes our stdin. Gone first, the broker left them retrying and logging for half a minute.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if hosted else lambda *_: stop.set())
 
     def watch_stdin() -> None:
         for line in sys.stdin:  # ends when the parent closes our stdin or dies
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"ERROR {exc}", flush=True)
         stop.set()
 
-    if not sys.stdin.isatty():
+    if hosted:
         threading.Thread(target=watch_stdin, daemon=True).start()
     print(f"BOOTSTRAP {cluster.bootstrap}", flush=True)
     stop.wait()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,3 +40,44 @@ def test_demo_shows_alerts_and_stops(svc: Services, redis_prefix: str) -> None:
     total = int(out.split("alerts total:")[1].split()[0])
     assert total > 0
     assert out.rstrip().endswith("stopped")
+
+
+def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
+    """`make run` then Ctrl-C: the terminal signals the whole process group at once - demo,
+    worker, broker host, Redis. Everything must be gone within seconds, the worker must not
+    be left talking to a broker that went first, and nothing may linger."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP", "REDIS_URL")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "demo", "--events", "300"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under a terminal
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("running;"):
+                break
+        assert lines and lines[-1].startswith("running;"), "".join(lines)[-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, errors = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, errors[-2000:]
+    assert rest.rstrip().endswith("stopped")
+    assert "Connection refused" not in errors, errors[-2000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the broker host and Redis exit after the demo
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("processes of the demo's group are still running after Ctrl-C")
