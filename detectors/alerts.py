@@ -8,9 +8,10 @@ arrival, so the repeat carries the same id and sinks drop it.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from topics.records import Alert
+from topics.records import KEY_SEP, Alert
 
 SEVERITY: dict[str, str] = {
     "NO_CODE": "high",
@@ -31,8 +32,30 @@ RULES = tuple(SEVERITY)
 
 
 def alert_id(rule: str, *facts: object) -> str:
-    text = "|".join([rule, *(str(f) for f in facts)])
+    text = KEY_SEP.join([rule, *(str(f) for f in facts)])
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+_ZONES: dict[int, timezone] = {}
+
+
+def local_iso(ts: float, offset_minutes: int = 0) -> str:
+    """An event time as the institution wrote it: its own UTC offset, whole seconds."""
+    zone = _ZONES.get(offset_minutes)
+    if zone is None:
+        zone = UTC if not offset_minutes else timezone(timedelta(minutes=offset_minutes))
+        _ZONES[offset_minutes] = zone
+    text = datetime.fromtimestamp(round(ts), zone).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def withdrawal(alert: Alert, explained_by: list[str], why: str) -> Alert:
+    """The message that takes back a standing alert: same id and facts, `status: withdrawn`,
+    and the events that explain it away."""
+    alert.status = "withdrawn"
+    alert.event_ids = list(dict.fromkeys([*alert.event_ids, *explained_by]))
+    alert.evidence = {"explained_by": explained_by, "why": why, "was": alert.evidence}
+    return alert
 
 
 def make_alert(

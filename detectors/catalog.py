@@ -26,9 +26,10 @@ class Product:
     pack_size: int
     code_required: bool
 
-    def units(self, quantity: float, unit: str) -> float:
-        """Quantity in the smallest dispensing unit, the ledger's currency."""
-        return quantity * self.pack_size if unit == "pack" else quantity
+    def units(self, quantity: float, unit: str) -> int:
+        """Quantity in thousandths of the smallest dispensing unit, the ledger's currency:
+        integers, so sums of fractional packs are exact."""
+        return round(quantity * (self.pack_size if unit == "pack" else 1) * 1000)
 
 
 def product_from_dict(obj: Any, where: str) -> Product:

@@ -1,491 +1,429 @@
 """The per-code lifecycle (回流药): DUPLICATE_SALE, CROSS_INSTITUTION_SALE, SPLIT_OVERFLOW,
 RETURN_WITHOUT_SALE and NO_PROVENANCE.
 
-State per normalised code, what a box goes through:
-- `r`: institutions that received it (purchase, `transfer_in`) and still hold it (a
-  `purchase_return` or `transfer_out` removes the institution);
-- `d`: its dispenses, oldest first, each `[institution, dispense key, event_id, ts, units,
-  returned]` - `units` is 0 for a whole pack, the smallest units taken for a split (拆零)
-  dispense; `returned` is the event time of the `sale_return`/`settlement_cancel` that undid
-  it (0 while it stands);
-- `xc`: cross-institution checks parked for dispenses by an institution that holds a receipt
-  of the box (see rule 1);
-- `np`: NO_PROVENANCE checks waiting for their grace period (event time) to pass, one per
-  institution that dispensed the code without holding a receipt of it; `due` is when the oldest
-  is ripe.
+State per normalised code, the facts of what a box went through:
+- `h`: holdings - receipts (purchase, `transfer_in`) and departures (`purchase_return`,
+  `transfer_out`, loss...) per institution, `[institution, ts, +1|-1]`;
+- `d`: its dispenses in event-time order (`_order`), each `[institution, dispense key, event_id,
+  ts, units, returned_at, line_no, records_receipts, standing, offset, undone_by]` - `units` is 0
+  for a whole pack, the smallest units (thousandths) of a split (拆零) dispense; `returned_at` the
+  event time of the `sale_return`/`settlement_cancel` that undid it and `undone_by` its event;
+  `standing` the letters of the rules standing against it;
+- `p`, `ps`: the box's product and pack size (thousandths of a unit), for alerts and splits.
 
-A dispense is keyed by `s:<settlement_id>` when it names a settlement (a `sale` and its
-`settlement` are one dispense) and by `e:<event_id>` otherwise, so the second record of a sale
-and its settlement is recognised and changes nothing.
+**Alerts are a function of these facts**, not of the order they arrived in (`judge`). Every change
+to a code re-judges it; a rule that now holds is raised, a rule that no longer holds - the first
+sale's return arrived after the resale was alerted, a purchase turned up - is withdrawn with the
+events that explain it. Two institutions' events travel in different partitions and arrive in any
+order, so this is what makes the standing alerts the same in every interleaving. The verdict of a
+settlement is the judgement of its dispense when it arrives (what the data proves then).
 
-How a new dispense at institution X is judged (one rule per scan, the most specific one):
-1. an active (not returned) dispense at another institution, earlier in event time ->
-   CROSS_INSTITUTION_SALE: the box is with a patient of that institution, so it came back into
-   trade. If the other dispense is the later one (two institutions' events travel in different
-   partitions and can arrive out of order), the alert goes to it instead - raised now, after its
-   settlement's verdict was given; alerts do not depend on arrival order. A box returned there is back
-   in its stock; if it then moves to X without a recorded receipt, that is NO_PROVENANCE's case,
-   not this one (a legitimate transfer's receipt is often uploaded a day late);
-2. else an active whole-pack dispense at X -> DUPLICATE_SALE for a whole pack, SPLIT_OVERFLOW
-   for a split one (split mixed with a whole-pack sale);
-3. else active split dispenses at X: a whole pack -> SPLIT_OVERFLOW (mixing); a split one whose
-   units bring the total beyond the pack size -> SPLIT_OVERFLOW.
-The dispense is recorded either way: it happened, and the next one is judged against it.
+How a dispense D at institution X is judged against the dispenses before it in event time:
+1. one at another institution not returned by D's time -> CROSS_INSTITUTION_SALE: the box is with
+   that institution's patient, so it came back into trade. A box returned there and then sold at X
+   without a receipt is NO_PROVENANCE's case (a legitimate transfer's receipt is often late);
+2. else a whole-pack dispense at X not returned -> DUPLICATE_SALE (SPLIT_OVERFLOW if D is split);
+3. else split dispenses at X: D whole -> SPLIT_OVERFLOW (mixing); D split and the units pass the
+   pack size -> SPLIT_OVERFLOW.
+NO_PROVENANCE: X records codes on what it receives (`records_receipts`, learnt by ingest) and holds
+no receipt of the box that is at most the grace period later than its first such dispense; decided
+once event time (`detectors.event_time`) passed the dispense + grace, and withdrawn if a receipt
+inside the grace arrives after all. A voided receipt puts the check back.
 
-NO_PROVENANCE: an institution that records codes on what it receives (ingest marks such
-institutions from their first coded receipt: `rc`) dispenses a code it holds no receipt of. The
-check is parked until the stage's watermark passes the dispense time + grace; a receipt by that
-institution arriving before then cancels it.
-
-Voids retract what the voided event did to this code; everything is idempotent per record id
-(`detectors.stage.apply_records`), so a redelivered record changes nothing.
+Bounds: at most `MAX_DISPENSES` dispenses and `MAX_HOLDINGS` holdings per code are kept (a box
+sold that often is a case already); beyond that the oldest go, and their alerts stay as they were.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from bisect import insort
 from typing import Any
 
-from detectors.alerts import make_alert
-from detectors.stage import BaseStage, Record, StageOutput, State, Watermarks, lane_of
+from detectors.alerts import local_iso, make_alert, withdrawal
+from detectors.event_time import DEFAULT_GRACE_SECONDS, DEFAULT_IDLE_SECONDS, TimeFrame
+from detectors.stage import BaseStage, Record, StageOutput, State, lane_of
+from topics.records import Alert
 
 # record kinds (`t`) on the by-code stream
 RECEIVE = "r"  # purchase, stock_change transfer_in
-LEAVE = "o"  # purchase_return, stock_change transfer_out
+LEAVE = "o"  # purchase_return, stock_change transfer_out / loss / damage / expired
 DISPENSE = "d"  # sale, settlement
 RETURN = "u"  # sale_return listing the code
 CANCEL = "x"  # settlement_cancel (resolved by ingest to the settlement's codes)
 VOID = "v"  # void of an event that did one of the above (`vt` says which)
 
-DEFAULT_GRACE_SECONDS = 72 * 3600
-MAX_DISPENSES = 8  # history kept per code; returned entries are dropped first
-_SPLIT_TOLERANCE = 1e-6
-
-_US = "\x1f"  # between fields
-_RS = "\x1e"  # between sections
-_EPOCH = 1704067200  # 2024-01-01T00:00Z: keeps stored times short
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+MAX_DISPENSES = 128
+MAX_HOLDINGS = 64
 
 # dispense entry fields
-_INST, _DK, _EV, _TS, _UNITS, _RET = range(6)
+INST, DK, EV, TS, UNITS, RET, LN, RC, STANDING, OFF, UNDONE = range(11)
+# holding entry fields
+H_INST, H_TS, H_KIND = range(3)
+
+CROSS, DUPLICATE, SPLIT, NO_PROVENANCE = "C", "D", "S", "N"
+RULE_OF = {
+    CROSS: "CROSS_INSTITUTION_SALE",
+    DUPLICATE: "DUPLICATE_SALE",
+    SPLIT: "SPLIT_OVERFLOW",
+    NO_PROVENANCE: "NO_PROVENANCE",
+}
+_VERDICT_LETTERS = (CROSS, DUPLICATE, SPLIT)
 
 
-def _b36(ts: float) -> str:
-    n = round(ts) - _EPOCH
-    sign, n = ("-", -n) if n < 0 else ("", n)
-    digits = ""
-    while True:
-        n, r = divmod(n, 36)
-        digits = _DIGITS[r] + digits
-        if not n:
-            return sign + digits
+def _order(d: list[Any]) -> tuple[Any, ...]:
+    """Event-time order of dispenses, ties broken so that every process agrees."""
+    return (d[TS], d[INST], d[EV], d[DK])
 
 
-def _unb36(text: str) -> float:
-    return float(int(text, 36) + _EPOCH)
+def provenance(holdings: list[list[Any]], inst: str, ts: float, grace: float) -> bool:
+    """Did `inst` hold the box at `ts`: a receipt no later than `ts + grace` (receipts are often
+    uploaded late) not followed by a departure before `ts`?"""
+    held = False
+    for h in holdings:  # in event-time order
+        if h[H_TS] > ts + grace:
+            break
+        if h[H_INST] != inst:
+            continue
+        if h[H_KIND] > 0:
+            held = True
+        elif h[H_TS] <= ts:
+            held = False
+    return held
 
 
-def _num(units: float) -> str:
-    if not units:
-        return ""
-    return str(int(units)) if units == int(units) else repr(units)
+def judge(entry: State, frame: TimeFrame, grace: float) -> list[str]:
+    """The rules standing against each dispense (letters, one string per dispense), from the
+    facts alone. Pure: the pre-settlement check calls it on a copy with the would-be dispense."""
+    dispenses: list[list[Any]] = entry.get("d", [])
+    holdings: list[list[Any]] = entry.get("h", [])
+    pack = entry.get("ps") or 0
+    result: list[str] = []
+    unprovenanced: set[str] = set()
+    for i, d in enumerate(dispenses):
+        inst, ts, units = d[INST], d[TS], d[UNITS]
+        elsewhere = here = here_whole = False
+        here_units = 0
+        for e in dispenses[:i]:
+            if e[RET] and e[RET] <= ts:
+                continue
+            if e[INST] != inst:
+                elsewhere = True
+                break
+            here = True
+            if e[UNITS]:
+                here_units += e[UNITS]
+            else:
+                here_whole = True
+        letters = ""
+        if elsewhere:
+            letters = CROSS
+        elif here_whole:
+            letters = SPLIT if units else DUPLICATE
+        elif here and (not units or (pack and here_units + units > pack)):
+            letters = SPLIT
+        if d[RC] and inst not in unprovenanced and not provenance(holdings, inst, ts, grace):
+            unprovenanced.add(inst)
+            if frame.at(lane_of(inst)) >= ts + grace:
+                letters += NO_PROVENANCE
+        result.append(letters)
+    return result
 
 
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+def next_due(entry: State, frame: TimeFrame, grace: float) -> tuple[float, int] | None:
+    """When the earliest NO_PROVENANCE check that time has not yet decided is due, and the lane
+    whose time decides it."""
+    due: tuple[float, int] | None = None
+    seen: set[str] = set()
+    holdings = entry.get("h", [])
+    for d in entry.get("d", ()):
+        inst = d[INST]
+        if not d[RC] or inst in seen or provenance(holdings, inst, d[TS], grace):
+            continue
+        seen.add(inst)
+        lane = lane_of(inst)
+        at = d[TS] + grace
+        if frame.at(lane) < at and (due is None or at < due[0]):
+            due = (at, lane)
+    return due
 
 
 class CodeStage(BaseStage):
     name = "code"
 
-    def __init__(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
-        self.grace = grace_seconds
+    def __init__(
+        self,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    ) -> None:
+        self.grace = round(grace_seconds)
+        self.idle = idle_seconds
 
-    # -- storage codec: per-code state is the big number at national scale ----------------------
-    # Text fields joined by ASCII unit/record separators instead of JSON: no quotes, no brackets,
-    # times as base-36 seconds since 2024, the first receiver's id not repeated in dispenses,
-    # the dispense key left out when it is the event itself. A received-and-sold box packs into
-    # about 40 bytes; `field` stores a 20-digit code as 9 binary bytes.
-
-    @staticmethod
-    def field(key: str) -> bytes:
-        if len(key) == 20 and key.isdigit():
-            return int(key).to_bytes(9, "big")
-        return key.encode()
-
-    @staticmethod
-    def unfield(raw: bytes) -> str:
-        return f"{int.from_bytes(raw, 'big'):020d}" if len(raw) == 9 else raw.decode()
-
-    @staticmethod
-    def pack(state: State) -> bytes:
-        receivers: list[str] = state.get("r", [])
-        home = receivers[0] if receivers else None
-        sections = [_US.join(receivers)]
-        for inst, dk, ev, ts, units, returned in state.get("d", ()):
-            if dk == f"e:{ev}":
-                dk = ""
-            elif dk.startswith("s:"):
-                dk = dk[2:]
-            else:
-                dk = "=" + dk
-            sections.append(
-                _US.join(
-                    (
-                        "" if inst == home else inst,
-                        dk,
-                        ev,
-                        _b36(ts),
-                        _num(units),
-                        _b36(returned) if returned else "",
-                    )
-                )
-            )
-        for mark, name in (("?", "np"), ("!", "xc")):
-            for inst, ev, ts in state.get(name, ()):
-                sections.append(mark + _US.join((inst, ev, _b36(ts))))
-        return _RS.join(sections).encode()
-
-    def unpack(self, raw: bytes) -> State:
-        first, *sections = raw.decode().split(_RS)
-        state: State = {}
-        receivers = first.split(_US) if first else []
-        if receivers:
-            state["r"] = receivers
-        home = receivers[0] if receivers else ""
-        dispenses: list[list[Any]] = []
-        for section in sections:
-            if section[:1] in ("?", "!"):
-                inst, ev, ts = section[1:].split(_US)
-                name = "np" if section[0] == "?" else "xc"
-                state.setdefault(name, []).append([inst, ev, _unb36(ts)])
-                continue
-            inst, dk, ev, ts, units, returned = section.split(_US)
-            if not dk:
-                dk = f"e:{ev}"
-            elif dk.startswith("="):
-                dk = dk[1:]
-            else:
-                dk = f"s:{dk}"
-            dispenses.append(
-                [
-                    inst or home,
-                    dk,
-                    ev,
-                    _unb36(ts),
-                    float(units) if units else 0,
-                    _unb36(returned) if returned else 0,
-                ]
-            )
-        if dispenses:
-            state["d"] = dispenses
-        self._set_due(state)
-        return state
-
-    def _set_due(self, entry: State) -> None:
-        """`due` is when the oldest parked check is ripe and `dl` the lane it waits on (its
-        institution's); the store indexes keys by them. A later check of another institution
-        whose lane is ahead waits with it."""
-        pending = [*entry.get("np", ()), *entry.get("xc", ())]
-        for name in ("np", "xc"):
-            if not entry.get(name):
-                entry.pop(name, None)
-        if pending:
-            first = min(pending, key=lambda p: (p[2], p[0]))
-            entry["due"] = first[2] + round(self.grace)
-            entry["dl"] = lane_of(first[0])
-        else:
-            entry.pop("due", None)
-            entry.pop("dl", None)
-
-    # -- records ---------------------------------------------------------------------------------
-
-    def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
+    def apply(
+        self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame
+    ) -> None:
         key = record["k"]
-        entry = _copy(state.get(key))
+        entry = state.get(key)
+        if entry is None:
+            entry = state[key] = {}
+        if "p" not in entry and record.get("cp"):
+            entry["p"] = record["cp"]
         kind = record["t"]
         if kind == DISPENSE:
-            rules = self._dispense(key, entry, record, out)
+            if record.get("ps"):
+                entry.setdefault("ps", record["ps"])
+            dispense = self._dispense(entry, record)
+            self._settle(key, entry, out, frame, record)
             if "vk" in record:
+                letters = dispense[STANDING] if dispense is not None else ""
+                rules = [RULE_OF[x] for x in _VERDICT_LETTERS if x in letters]
                 out.line_rules(record["vk"], record["ln"], rules)
-        elif kind == RECEIVE:
-            _receive(entry, record["inst"])
-        elif kind == LEAVE:
-            _leave(entry, record["inst"])
+            return
+        if kind in (RECEIVE, LEAVE):
+            holding = [record["inst"], round(record["ts"]), 1 if kind == RECEIVE else -1]
+            holdings = entry.setdefault("h", [])
+            insort(holdings, holding, key=lambda h: (h[H_TS], h[H_INST], h[H_KIND]))
+            if len(holdings) > MAX_HOLDINGS:
+                del holdings[0]
         elif kind == RETURN:
-            if not _undo(entry, record["inst"], None, record["ts"]):
+            if not _undo(entry, record, record.get("of")):
                 out.alerts.append(_return_without_sale(key, entry, record))
         elif kind == CANCEL:
             # Ingest resolved the settlement to this code, so the dispense is here unless a
             # void removed it; the settlement-level RETURN_WITHOUT_SALE is ingest's to raise.
-            _undo(entry, record["inst"], record["dk"], record["ts"])
+            _undo(entry, record, None)
         elif kind == VOID:
-            _void(entry, record)
-        self._set_due(entry)
-        state[key] = _compact(entry)
+            self._void(key, entry, record, out)
+        self._settle(key, entry, out, frame, record)
 
-    def fire(
-        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
-    ) -> None:
-        """The watermark passed this code's `due`: run the parked NO_PROVENANCE checks that
-        are ripe; the others stay parked."""
-        entry = _copy(state.get(key))
-        grace = round(self.grace)
-        waiting = []
-        for inst, ev, ts in entry.get("np", ()):
-            if ts + grace > watermarks.get(lane_of(inst), float("-inf")):
-                waiting.append([inst, ev, ts])
-                continue
-            if inst not in entry.get("r", ()):
-                out.alerts.append(
-                    make_alert(
-                        "NO_PROVENANCE",
-                        institution=inst,
-                        event_ids=[ev],
-                        occurred_at=iso(ts),
-                        evidence={
-                            "dispensed_at": iso(ts),
-                            "grace_hours": self.grace / 3600,
-                            "checked_after": iso(ts + grace),
-                            # Only what every run has seen when this lane's time passed the
-                            # due time: this institution's own sales of the box up to then.
-                            # Other institutions' sales travel in other lanes and may still be
-                            # on their way (their part is CROSS_INSTITUTION_SALE's evidence).
-                            "dispenses_until_checked": _describe(
-                                [
-                                    d
-                                    for d in entry.get("d", ())
-                                    if d[_INST] == inst and d[_TS] <= ts + grace
-                                ],
-                                with_returns=False,
-                            ),
-                        },
-                        id_facts=(key, ev),
-                        code=key,
-                    )
-                )
-        entry["np"] = waiting
-        parked = []
-        for inst, ev, ts in entry.get("xc", ()):
-            sale = next((d for d in entry.get("d", ()) if d[_INST] == inst and d[_EV] == ev), None)
-            if sale is None:
-                continue  # voided meanwhile
-            # with it now: dispenses elsewhere standing at its time (not returned before it)
-            standing = [
-                d
-                for d in entry.get("d", ())
-                if d[_INST] != inst and _order(d) < _order(sale) and not 0 < d[_RET] <= ts
-            ]
-            lanes = {lane_of(d[_INST]) for d in standing} | {lane_of(inst)}
-            if any(ts + grace > watermarks.get(lane, float("-inf")) for lane in lanes):
-                parked.append([inst, ev, ts])
-            elif standing:
-                out.alerts.append(_cross_alert(key, sale, standing))
-        entry["xc"] = parked
-        self._set_due(entry)
-        state[key] = _compact(entry)
+    def fire(self, key: str, state: dict[str, State], out: StageOutput, frame: TimeFrame) -> None:
+        """Event time passed this code's `due`: decide the checks that time has now decided."""
+        entry = state.get(key)
+        if entry is not None:
+            self._settle(key, entry, out, frame, None)
 
-    def _dispense(self, key: str, entry: State, record: Record, out: StageOutput) -> list[str]:
+    # -- records ---------------------------------------------------------------------------------
+
+    def _dispense(self, entry: State, record: Record) -> list[Any] | None:
+        """Record the dispense (once: a sale and its settlement are one); returns its entry."""
         inst: str = record["inst"]
         dk: str = record["dk"]
         dispenses: list[list[Any]] = entry.setdefault("d", [])
-        if any(d[_INST] == inst and d[_DK] == dk for d in dispenses):
-            return []  # the sale and the settlement of one dispense, whichever came second
-        split: bool = record["sp"]
-        units: float = record["u"] if split else 0
-        ts = round(record["ts"])  # what the packed form keeps: replay and stream agree
-        new = [inst, dk, record["ev"], ts, units, 0]
-        active = [d for d in dispenses if not d[_RET]]
-        here = [d for d in active if d[_INST] == inst]
-        # Two institutions' events travel in different input partitions, so the resale may be
-        # processed before the first sale. CROSS_INSTITUTION_SALE goes to whichever of the two
-        # is later in event time, whatever the order of arrival.
-        receivers = entry.get("r", ())
-        earlier = [d for d in active if d[_INST] != inst and _order(d) < _order(new)]
-        for later in (d for d in active if d[_INST] != inst and _order(d) > _order(new)):
-            if later[_INST] in receivers:
-                continue  # its check is parked (below) and will see this sale
-            if not any(
-                d[_INST] != later[_INST] and _order(d) < _order(later) for d in active
-            ):  # its first sale elsewhere has just arrived: this is its alert, late
-                out.alerts.append(_cross_alert(key, later, [new]))
-        rule: str | None = None
-        evidence: dict[str, Any] = {}
-        if earlier and inst in receivers:
-            # The box reached this institution through a recorded receipt (a transfer, a
-            # purchase): the earlier sale may have been returned in an upload still to come
-            # (returns travel in daily batches). Decide once event time has passed.
-            entry.setdefault("xc", []).append([inst, record["ev"], ts])
-            earlier = []
-        if earlier:
-            rule = "CROSS_INSTITUTION_SALE"
-        elif any(not d[_UNITS] for d in here):
-            rule = "SPLIT_OVERFLOW" if split else "DUPLICATE_SALE"
-            evidence = {"earlier_sales": _describe(here)}
-        elif here and not split:
-            rule = "SPLIT_OVERFLOW"
-            evidence = {"earlier_sales": _describe(here), "mixed_with_whole_pack": True}
-        elif here and record.get("ps"):
-            used = sum(d[_UNITS] for d in here)
-            if used + units > record["ps"] + _SPLIT_TOLERANCE:
-                rule = "SPLIT_OVERFLOW"
-                evidence = {
-                    "earlier_sales": _describe(here),
-                    "units_before": used,
-                    "units_now": units,
-                    "pack_size": record["ps"],
-                }
-        dispenses.append(new)
-        _trim(dispenses)
-        pending = entry.setdefault("np", [])
-        unreceived = record.get("rc") and inst not in entry.get("r", ())
-        if unreceived and not any(p[0] == inst for p in pending):
-            pending.append([inst, record["ev"], ts])
-        if rule == "CROSS_INSTITUTION_SALE":
-            out.alerts.append(_cross_alert(key, new, earlier))
-            return [rule]
-        if rule is None:
-            return []
-        evidence.update({"line_no": record["ln"], "raw": record.get("raw"), "split": split})
-        out.alerts.append(
-            make_alert(
-                rule,
-                institution=inst,
-                event_ids=_event_ids(evidence["earlier_sales"], record["ev"]),
-                occurred_at=record["at"],
-                evidence=evidence,
-                id_facts=(key, record["ev"], record["ln"]),
-                product=record.get("p"),
-                code=key,
-                settlement_id=record.get("sid"),
+        for d in dispenses:
+            if d[INST] == inst and d[DK] == dk:
+                return d  # the second record of one dispense: judged when the first came
+        new = [
+            inst,
+            dk,
+            record["ev"],
+            round(record["ts"]),  # what the packed form keeps: replay and stream agree
+            record["u"] if record["sp"] else 0,
+            0,
+            record["ln"],
+            1 if record.get("rc") else 0,
+            "",
+            record.get("off", 0),
+            "",
+        ]
+        insort(dispenses, new, key=_order)
+        if len(dispenses) > MAX_DISPENSES:
+            oldest = next((d for d in dispenses if d[RET]), dispenses[0])
+            dispenses.remove(oldest)
+            if oldest is new:
+                return None
+        return new
+
+    def _void(self, key: str, entry: State, record: Record, out: StageOutput) -> None:
+        inst, voided, of = record["inst"], record["vt"], record["of"]
+        if voided == DISPENSE:
+            kept = []
+            for d in entry.get("d", ()):
+                if d[INST] == inst and d[EV] == of:
+                    for letter in d[STANDING]:
+                        alert = self._alert(key, entry, entry["d"].index(d), letter)
+                        out.alerts.append(
+                            withdrawal(alert, [record["ev"]], "the dispense was voided")
+                        )
+                else:
+                    kept.append(d)
+            entry["d"] = kept
+        elif voided in (RECEIVE, LEAVE):
+            sign = 1 if voided == RECEIVE else -1
+            holdings = entry.get("h", [])
+            for i in range(len(holdings) - 1, -1, -1):
+                if holdings[i][H_INST] == inst and holdings[i][H_KIND] == sign:
+                    del holdings[i]
+                    break
+        elif voided in (RETURN, CANCEL):
+            for d in entry.get("d", ()):
+                if d[INST] == inst and d[UNDONE] == of:
+                    d[RET], d[UNDONE] = 0, ""
+
+    # -- judging ---------------------------------------------------------------------------------
+
+    def _settle(
+        self,
+        key: str,
+        entry: State,
+        out: StageOutput,
+        frame: TimeFrame,
+        cause: Record | None,
+    ) -> None:
+        """Re-judge the code; raise what now holds, withdraw what no longer does."""
+        dispenses = entry.get("d", [])
+        for i, letters in enumerate(judge(entry, frame, self.grace)):
+            d = dispenses[i]
+            before = d[STANDING]
+            if before == letters:
+                continue
+            for letter in letters:
+                if letter not in before:
+                    out.alerts.append(self._alert(key, entry, i, letter))
+            for letter in before:
+                if letter not in letters:
+                    explained = [cause["ev"]] if cause is not None else []
+                    why = _WHY.get((letter, cause["t"] if cause is not None else ""), "")
+                    alert = withdrawal(self._alert(key, entry, i, letter), explained, why)
+                    out.alerts.append(alert)
+            d[STANDING] = letters
+        due = next_due(entry, frame, self.grace)
+        if due is None:
+            entry.pop("due", None)
+            entry.pop("dl", None)
+        else:
+            entry["due"], entry["dl"] = due
+        if not dispenses:
+            entry.pop("d", None)
+        if not entry.get("h", True):
+            del entry["h"]
+
+    def _alert(self, key: str, entry: State, i: int, letter: str) -> Alert:
+        dispenses = entry["d"]
+        d = dispenses[i]
+        inst, ts = d[INST], d[TS]
+        standing = [e for e in dispenses[:i] if not (e[RET] and e[RET] <= ts)]
+        common: dict[str, Any] = {
+            "institution": inst,
+            "occurred_at": local_iso(ts, d[OFF]),
+            "product": entry.get("p"),
+            "code": key,
+            "settlement_id": d[DK][2:] if d[DK].startswith("s:") else None,
+        }
+        if letter == CROSS:
+            earlier = [e for e in standing if e[INST] != inst]
+            return make_alert(
+                "CROSS_INSTITUTION_SALE",
+                event_ids=_event_ids(earlier, d[EV]),
+                evidence={"earlier_sales": describe(earlier), "resale": describe([d])[0]},
+                id_facts=(key, d[EV]),
+                **common,
             )
+        if letter == NO_PROVENANCE:
+            return make_alert(
+                "NO_PROVENANCE",
+                event_ids=[d[EV]],
+                evidence={
+                    "dispensed_at": local_iso(ts, d[OFF]),
+                    "grace_hours": self.grace / 3600,
+                    "checked_after": local_iso(ts + self.grace, d[OFF]),
+                    "dispenses_until_checked": describe(
+                        [e for e in dispenses if e[INST] == inst and e[TS] <= ts + self.grace],
+                        with_returns=False,
+                    ),
+                    "receipts_here": [
+                        {"occurred_at": local_iso(h[H_TS], d[OFF]), "received": h[H_KIND] > 0}
+                        for h in entry.get("h", ())
+                        if h[H_INST] == inst
+                    ],
+                },
+                id_facts=(key, d[EV]),
+                **common,
+            )
+        here = [e for e in standing if e[INST] == inst]
+        evidence: dict[str, Any] = {"earlier_sales": describe(here), "line_no": d[LN]}
+        if d[UNITS]:
+            evidence.update(
+                units_before=sum(e[UNITS] for e in here) / 1000,
+                units_now=d[UNITS] / 1000,
+                pack_size=(entry.get("ps") or 0) / 1000,
+            )
+        if not d[UNITS] and letter == SPLIT:
+            evidence["mixed_with_whole_pack"] = True
+        return make_alert(
+            RULE_OF[letter],
+            event_ids=_event_ids(here, d[EV]),
+            evidence=evidence,
+            id_facts=(key, d[EV], d[LN]),
+            **common,
         )
-        return [rule]
 
 
-def _order(d: list[Any]) -> tuple[Any, ...]:
-    """Event-time order of dispenses, ties broken so that every process agrees."""
-    return (d[_TS], d[_INST], d[_EV])
+_WHY = {
+    (CROSS, RETURN): "the earlier sale was returned before the resale",
+    (CROSS, CANCEL): "the earlier settlement was cancelled before the resale",
+    (CROSS, VOID): "an event it rested on was voided",
+    (DUPLICATE, RETURN): "the earlier sale was returned before this one",
+    (DUPLICATE, CANCEL): "the earlier settlement was cancelled before this one",
+    (DUPLICATE, VOID): "an event it rested on was voided",
+    (SPLIT, RETURN): "units of an earlier split sale were returned",
+    (SPLIT, CANCEL): "an earlier split settlement was cancelled",
+    (SPLIT, VOID): "an event it rested on was voided",
+    (NO_PROVENANCE, RECEIVE): "a receipt of the box within the grace period arrived",
+    (NO_PROVENANCE, VOID): "an event it rested on was voided",
+}
 
 
-def _cross_alert(key: str, resale: list[Any], earlier: list[list[Any]]) -> Any:
-    """Built from stored dispenses only, so it is the same whichever sale arrived first."""
-    dk = resale[_DK]
-    return make_alert(
-        "CROSS_INSTITUTION_SALE",
-        institution=resale[_INST],
-        event_ids=_event_ids(_describe(earlier), resale[_EV]),
-        occurred_at=iso(resale[_TS]),
-        evidence={
-            "earlier_sales": _describe(earlier),
-            "resale": _describe([resale])[0],
-        },
-        id_facts=(key, resale[_EV]),
-        code=key,
-        settlement_id=dk[2:] if dk.startswith("s:") else None,
-    )
-
-
-def _event_ids(earlier: list[dict[str, Any]], ev: str) -> list[str]:
-    ids = list(dict.fromkeys(d["event_id"] for d in earlier))
+def _event_ids(earlier: list[list[Any]], ev: str) -> list[str]:
+    ids = list(dict.fromkeys(e[EV] for e in earlier))
     return [*ids, ev] if ev not in ids else ids
 
 
-def _describe(dispenses: Any, with_returns: bool = True) -> list[dict[str, Any]]:
-    """Earlier sales as an inspector reads them: where, which event, when, how much."""
+def describe(dispenses: list[list[Any]], with_returns: bool = True) -> list[dict[str, Any]]:
+    """Dispenses as an inspector reads them: where, which event, when, how much."""
     described = []
     for d in sorted(dispenses, key=_order):  # event time, not arrival order: every run agrees
-        item = {
-            "institution": d[_INST],
-            "event_id": d[_EV],
-            "dispense": d[_DK],
-            "occurred_at": iso(d[_TS]),
-            "units": d[_UNITS] or "whole pack",
+        item: dict[str, Any] = {
+            "institution": d[INST],
+            "event_id": d[EV],
+            "dispense": d[DK],
+            "occurred_at": local_iso(d[TS], d[OFF]),
+            "units": d[UNITS] / 1000 if d[UNITS] else "whole pack",
         }
         if with_returns:
-            item["returned"] = bool(d[_RET])
+            item["returned"] = bool(d[RET])
         described.append(item)
     return described
 
 
-def _copy(entry: State | None) -> State:
-    if not entry:
-        return {}
-    copied = dict(entry)
-    if "r" in copied:
-        copied["r"] = list(copied["r"])
-    if "d" in copied:
-        copied["d"] = [list(d) for d in copied["d"]]
-    for name in ("np", "xc"):
-        if name in copied:
-            copied[name] = [list(p) for p in copied[name]]
-    return copied
+def _undo(entry: State, record: Record, original: str | None) -> bool:
+    """Mark a dispense at the record's institution returned: the one `record["dk"]` names (a
+    cancellation), else the sale the return names (`original_event_id`), else the latest one."""
+    inst, dk = record["inst"], record.get("dk")
+    candidates = [
+        d
+        for d in entry.get("d", ())
+        if d[INST] == inst and not d[RET] and (dk is None or d[DK] == dk)
+    ]
+    if not candidates:
+        return False
+    named = [d for d in candidates if d[EV] == original] if original else []
+    d = (named or candidates)[-1]
+    d[RET] = max(1, round(record["ts"]))
+    d[UNDONE] = record["ev"]
+    return True
 
 
-def _compact(entry: State) -> State:
-    return {k: v for k, v in entry.items() if v or k in ("due", "dl")}
-
-
-def _trim(dispenses: list[list[Any]]) -> None:
-    while len(dispenses) > MAX_DISPENSES:
-        returned = next((i for i, d in enumerate(dispenses) if d[_RET]), 0)
-        del dispenses[returned]
-
-
-def _receive(entry: State, inst: str) -> None:
-    receivers: list[str] = entry.setdefault("r", [])
-    if inst not in receivers:
-        receivers.append(inst)
-    if "np" in entry:
-        entry["np"] = [p for p in entry["np"] if p[0] != inst]
-
-
-def _leave(entry: State, inst: str) -> None:
-    receivers: list[str] = entry.get("r", [])
-    if inst in receivers:
-        receivers.remove(inst)
-
-
-def _undo(entry: State, inst: str, dk: str | None, ts: float) -> bool:
-    """Mark the latest active dispense at `inst` (with key `dk`, if given) returned at `ts`."""
-    for d in reversed(entry.get("d", ())):
-        if d[_INST] == inst and not d[_RET] and (dk is None or d[_DK] == dk):
-            d[_RET] = max(1, round(ts))
-            return True
-    return False
-
-
-def _void(entry: State, record: Record) -> None:
-    inst = record["inst"]
-    voided = record["vt"]
-    if voided == DISPENSE:
-        dispenses = entry.get("d", [])
-        entry["d"] = [d for d in dispenses if not (d[_INST] == inst and d[_EV] == record["of"])]
-        if "np" in entry:
-            entry["np"] = [p for p in entry["np"] if not (p[0] == inst and p[1] == record["of"])]
-    elif voided == RECEIVE:
-        _leave(entry, inst)
-    elif voided == LEAVE:
-        _receive(entry, inst)
-    elif voided in (RETURN, CANCEL):
-        for d in reversed(entry.get("d", ())):
-            if d[_INST] == inst and d[_RET]:
-                d[_RET] = 0
-                break
-
-
-def _return_without_sale(key: str, entry: State, record: Record) -> Any:
+def _return_without_sale(key: str, entry: State, record: Record) -> Alert:
     return make_alert(
         "RETURN_WITHOUT_SALE",
         institution=record["inst"],
         event_ids=[record["ev"]],
-        occurred_at=record["at"],
+        occurred_at=local_iso(record["ts"], record.get("off", 0)),
         evidence={
             "line_no": record.get("ln"),
             "raw": record.get("raw"),
-            "dispenses": _describe(entry.get("d", ())),
+            "dispenses": describe(entry.get("d", [])),
         },
         id_facts=(key, record["ev"], record.get("ln")),
-        product=record.get("p"),
+        product=entry.get("p") or record.get("p"),
         code=key,
     )

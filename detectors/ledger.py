@@ -1,38 +1,38 @@
 """The per-(institution, product) ledger (进销存): NO_CODE, OVERSOLD, STOCK_COUNT_MISMATCH.
 
-State per `institution|product`, in the product's smallest unit (packs converted with the
-catalog's pack size at ingest):
-- `b`: expected stock on hand - last count + received - returned to supplier - dispensed +
-  returned by patients + other changes + registered legacy stock;
-- `tot`: the totals since the last count that make up `b`, for evidence and the read API:
-  `in` received, `rs` returned to supplier, `out` dispensed, `ret` returned by patients,
-  `chg` other stock changes (signed), `leg` legacy stock registered;
-- `nr`: units dispensed beyond what the ledger held (dispensed without any recorded purchase);
-- `cnt`: the last count `[event time, units]` once one has been fired into the baseline;
+All quantities are integers in thousandths of the product's smallest unit (packs converted with
+the catalog's pack size at ingest), so sums are exact: 0.45 + 0.55 of a bottle is one bottle.
+
+A ledger key's records all come from one institution, in its own order. State:
+- `h`: the recent history, in event-time order: `[ts, seq, total, delta, event_id, offset,
+  standing, kind, units]` - `kind` `c` a stock count (`units` counted), `d` a dispense, `+` any
+  other change; `seq` the arrival order at this key (ties of event time keep the upload's order);
+  `standing` the rule standing against it (`O` OVERSOLD, `M` STOCK_COUNT_MISMATCH);
+- `b`, `tot`, `cnt`: what is final - stock after every record older than the institution's own
+  time less the grace period (`detectors.event_time`), the totals since the last final count that
+  make it up (`in` received, `rs` returned to supplier, `out` dispensed, `ret` returned by
+  patients, `chg` other changes, `leg` legacy registered), and that count `[ts, units]`;
+- `ow`: the institution's own time (the latest `occurred_at` it sent, carried on every record);
 - `legacy`: registered uncoded stock (无码库) still available to settle without codes;
-- `pend`/`due`: checks parked until the watermark passes their event time + grace.
+- `nr`: units dispensed beyond what the ledger held when they arrived.
+
+Checks are judged on the history in event-time order (`_judge`), once event time has passed their
+moment + grace: a dispense that took the stock from >= -tolerance to below it is OVERSOLD (once
+per crossing: replenishment or a recount re-arms it); a count that differs from the stock at its
+moment is STOCK_COUNT_MISMATCH and becomes the new baseline. A purchase uploaded a day late counts
+where it belongs; a count uploaded in the nightly batch, after that day's real-time settlements
+made after it, is compared with the stock at its own time. Until a record is final, a later upload
+can change a judgement: the alert is then withdrawn (or raised late). Records older than the final
+horizon are applied to the final stock as they come (`b`), on top of any count before them.
 
 Opening balance: an institution with no count starts from zero - the first purchase, legacy
 registration or count sets it. Starting from "unknown" would make OVERSOLD blind for exactly the
-institutions that never count; a first count that differs from what its purchases imply is
-itself worth a STOCK_COUNT_MISMATCH.
+institutions that never count; a first count that differs from what its purchases imply is itself
+worth a STOCK_COUNT_MISMATCH.
 
 One dispense is counted once: the second record of a sale and its settlement (same institution
 and settlement id) arrives marked `dup` by ingest and moves nothing. Voids and cancellations undo
 what the event they name counted.
-
-Late purchases (daily 进销存 batches are normal) must not raise OVERSOLD, and a count must be
-compared with the stock at the moment it was taken. So both checks run in event time: a dispense
-that leaves the ledger below zero, and every count, park a check `[kind, ts, event, units,
-after, occurred_at]`; every later record whose event time is after `ts` adds its change to
-`after` (per total). When the watermark passes `ts` + grace, the stock at `ts` is `b - after`, with every
-record of up to grace lateness in it:
-- OVERSOLD fires when that dispense took the stock at `ts` from >= -tolerance to below it: once
-  per crossing, re-armed by any replenishment or recount that lifts the stock back;
-- STOCK_COUNT_MISMATCH fires when the count differs from the stock at `ts` beyond tolerance; the
-  count becomes the baseline either way (`b` = count + after).
-A record later than the grace period is applied to `b` as it comes; if it predates a count
-already fired into the baseline it is counted on top of it (the README says so).
 
 NO_CODE (CONTRACT.md): a settlement line of a code-required product with no scan at all, which
 registered legacy stock does not cover. A covered line draws the stock down; an uncovered line is
@@ -42,18 +42,21 @@ all). Either way the dispense counts in the ledger: the drug left the shelf.
 
 from __future__ import annotations
 
+from bisect import insort
 from typing import Any
 
-from detectors.alerts import make_alert
-from detectors.code_state import CANCEL, VOID, iso
-from detectors.stage import BaseStage, Record, StageOutput, State, Watermarks, lane_of
+from detectors.alerts import local_iso, make_alert, withdrawal
+from detectors.code_state import CANCEL, VOID
+from detectors.event_time import DEFAULT_GRACE_SECONDS, DEFAULT_IDLE_SECONDS, NEVER, TimeFrame
+from detectors.stage import BaseStage, Record, StageOutput, State, lane_of
+from topics.records import KEY_SEP, Alert
 
-DEFAULT_GRACE_SECONDS = 72 * 3600
 DEFAULT_TOLERANCE_UNITS = 0.5  # covers rounding of fractional packs to units
-MAX_PENDING = 64  # parked checks per ledger key; beyond that the oldest is run early
+MILLI = 1000  # ledger quantities are thousandths of the smallest unit
+MAX_HISTORY = 512  # records kept open per ledger key; beyond that the oldest are made final
 
-OVERSOLD_CHECK = "o"
-COUNT_CHECK = "c"
+COUNT, DISPENSED, CHANGE = "c", "d", "+"
+OVERSOLD, MISMATCH = "O", "M"
 
 # the signed change each record type makes to stock, and the total it is booked under
 _DIRECTION: dict[str, tuple[int, str]] = {
@@ -66,8 +69,22 @@ _DIRECTION: dict[str, tuple[int, str]] = {
     "legacy_stock": (1, "leg"),
 }
 _DISPENSES = frozenset({"sale", "settlement"})
-_TS, _KIND = 1, 0
-_EV, _UNITS, _AFTER, _AT = 2, 3, 4, 5
+_SIGN = {"in": 1, "rs": -1, "out": -1, "ret": 1, "chg": 1, "leg": 1}
+_TOTAL_NAMES = {
+    "in": "received",
+    "rs": "returned_to_supplier",
+    "out": "dispensed",
+    "ret": "returned_by_patients",
+    "chg": "other_changes",
+    "leg": "legacy_registered",
+}
+# history entry fields
+TS, SEQ, TOTAL, DELTA, EV, OFF, STANDING, KIND, UNITS = range(9)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    inst, product = key.split(KEY_SEP, 1)
+    return inst, product
 
 
 class LedgerStage(BaseStage):
@@ -77,29 +94,29 @@ class LedgerStage(BaseStage):
         self,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         tolerance: float = DEFAULT_TOLERANCE_UNITS,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
     ) -> None:
         self.grace = round(grace_seconds)
-        self.tolerance = tolerance
+        self.tolerance = round(tolerance * MILLI)
+        self.idle = idle_seconds
 
-    def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
+    def apply(
+        self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame
+    ) -> None:
         kind = record["t"]
         key = record["k"]
-        entry = _copy(state.get(key))
+        entry = state.get(key)
+        if entry is None:
+            entry = state[key] = {}
+        entry["ow"] = max(entry.get("ow", NEVER), record.get("ow", record["ts"]))
         if kind == "stock_count":
-            self._park(
-                entry, [COUNT_CHECK, record["ts"], record["ev"], record["u"], {}, record["at"]]
-            )
+            self._add(entry, record, COUNT, "", 0)
         elif kind == CANCEL:
             # a cancelled settlement: its units come back from the patient
             if record["vt"] in _DISPENSES and not record.get("dup"):
-                self._change(entry, record, record["u"], "ret")
+                self._add(entry, record, CHANGE, "ret", record["u"])
         elif kind == VOID:
-            voided = record["vt"]
-            if voided in _DIRECTION and not record.get("dup"):
-                sign, total = _DIRECTION[voided]
-                self._change(entry, record, -sign * record["u"], total)
-                if voided == "legacy_stock":
-                    entry["legacy"] = max(0, entry.get("legacy", 0) - record["u"])
+            self._void(entry, record)
         elif kind in _DIRECTION:
             if kind == "legacy_stock":
                 entry["legacy"] = entry.get("legacy", 0) + record["u"]
@@ -108,143 +125,173 @@ class LedgerStage(BaseStage):
                 out.line_rules(record["vk"], record["ln"], rules)
             if not record.get("dup"):
                 sign, total = _DIRECTION[kind]
-                before = entry.get("b", 0)
-                self._change(entry, record, sign * record["u"], total)
                 if kind in _DISPENSES:
-                    self._dispensed(entry, record, before)
-        self._set_due(entry, out, key)
-        state[key] = entry
+                    held = self.stock(entry)
+                    if record["u"] > max(0, held):
+                        entry["nr"] = entry.get("nr", 0) + min(record["u"], record["u"] - max(0, held))
+                    self._add(entry, record, DISPENSED, total, -record["u"])
+                else:
+                    self._add(entry, record, CHANGE, total, sign * record["u"])
+        self._settle(key, entry, out, frame, record)
 
-    # -- arithmetic --------------------------------------------------------------------------------
+    def fire(self, key: str, state: dict[str, State], out: StageOutput, frame: TimeFrame) -> None:
+        entry = state.get(key)
+        if entry is not None:
+            self._settle(key, entry, out, frame, None)
 
-    def _change(self, entry: State, record: Record, delta: float, total: str) -> None:
-        booked = delta * _SIGN[total]  # totals count in their own direction
-        entry["b"] = entry.get("b", 0) + delta
+    # -- history -----------------------------------------------------------------------------------
+
+    def _add(
+        self,
+        entry: State,
+        record: Record,
+        kind: str,
+        total: str,
+        delta: int,
+    ) -> None:
+        history: list[list[Any]] = entry.setdefault("h", [])
+        e = self._entry(entry, record, kind, total, delta)
+        insort(history, e, key=lambda e: (e[TS], e[SEQ]))
+
+    def _entry(
+        self, entry: State, record: Record, kind: str, total: str, delta: int
+    ) -> list[Any]:
+        seq = entry.get("seq", 0) + 1
+        entry["seq"] = seq
+        units = record["u"] if kind != CHANGE else abs(delta)
+        return [round(record["ts"]), seq, total, delta, record["ev"], record.get("off", 0), "", kind, units]
+
+    def _void(self, entry: State, record: Record) -> None:
+        voided = record["vt"]
+        if voided == "legacy_stock":
+            entry["legacy"] = max(0, entry.get("legacy", 0) - record["u"])
+        if record.get("dup") or (voided not in _DIRECTION and voided != "stock_count"):
+            return
+        history = entry.get("h", [])
+        for i, e in enumerate(history):
+            if e[EV] == record["of"] and (e[UNITS] == record["u"] or e[KIND] == COUNT):
+                del history[i]
+                return
+        if voided in _DIRECTION:  # already final: take it out of the final figures
+            sign, total = _DIRECTION[voided]
+            delta = -sign * record["u"]
+            entry["b"] = entry.get("b", 0) + delta
+            tot = entry.setdefault("tot", {})
+            tot[total] = tot.get(total, 0) + delta * _SIGN[total]
+
+    def _finalise_one(self, key: str, entry: State, e: list[Any], out: StageOutput) -> None:
+        if e[KIND] == COUNT:
+            if not e[STANDING] and abs(e[UNITS] - entry.get("b", 0)) > self.tolerance:
+                # a count later than the grace period: judged against the final figures
+                inst, product = split_key(key)
+                out.alerts.append(self._alert(MISMATCH, inst, product, e, entry.get("b", 0), entry.get("tot", {}), entry.get("cnt")))
+            entry["b"] = e[UNITS]
+            entry["tot"] = {}
+            entry["cnt"] = [e[TS], e[UNITS]]
+            return
+        entry["b"] = entry.get("b", 0) + e[DELTA]
         tot = entry.setdefault("tot", {})
-        tot[total] = tot.get(total, 0) + booked
-        ts = record["ts"]
-        for check in entry.get("pend", ()):
-            if ts > check[_TS]:  # happened after the check's moment: not part of its stock
-                after = check[_AFTER]
-                after["b"] = after.get("b", 0) + delta
-                after[total] = after.get(total, 0) + booked
+        tot[e[TOTAL]] = tot.get(e[TOTAL], 0) + e[DELTA] * _SIGN[e[TOTAL]]
 
-    def _dispensed(self, entry: State, record: Record, before: float) -> None:
-        units = record["u"]
-        uncovered = units - max(0.0, before)
-        if uncovered > 0:
-            entry["nr"] = entry.get("nr", 0) + min(units, uncovered)
-        if entry["b"] < -self.tolerance:
-            self._park(entry, [OVERSOLD_CHECK, record["ts"], record["ev"], units, {}, record["at"]])
+    @staticmethod
+    def stock(entry: State) -> int:
+        """Expected stock on hand after everything known (the read API's figure)."""
+        return figures(entry)[0]
 
-    def _park(self, entry: State, check: list[Any]) -> None:
-        pending: list[list[Any]] = entry.setdefault("pend", [])
-        pending.append(check)
+    # -- judging -----------------------------------------------------------------------------------
 
-    def _set_due(self, entry: State, out: StageOutput, key: str) -> None:
-        pending = entry.get("pend")
-        if not pending:
-            entry.pop("pend", None)
+    def _settle(
+        self, key: str, entry: State, out: StageOutput, frame: TimeFrame, cause: Record | None
+    ) -> None:
+        history: list[list[Any]] = entry.get("h", [])
+        inst, product = split_key(key)
+        now = max(frame.at(lane_of(inst)), entry.get("ow", NEVER))
+        stock = entry.get("b", 0)
+        totals = dict(entry.get("tot", {}))
+        last = entry.get("cnt")
+        due: float | None = None
+        for e in history:
+            ripe = e[TS] + self.grace <= now
+            if not ripe and (due is None or e[TS] + self.grace < due):
+                due = e[TS] + self.grace
+            before = stock
+            letters = ""
+            if e[KIND] == COUNT:
+                if ripe and abs(e[UNITS] - stock) > self.tolerance:
+                    letters = MISMATCH
+                stock = e[UNITS]
+            else:
+                stock += e[DELTA]
+                if e[KIND] == DISPENSED and ripe and stock < -self.tolerance <= before:
+                    letters = OVERSOLD
+            if letters != e[STANDING]:
+                if letters:
+                    out.alerts.append(self._alert(letters, inst, product, e, before, totals, last))
+                else:
+                    alert = self._alert(e[STANDING], inst, product, e, before, totals, last)
+                    explained = [cause["ev"]] if cause is not None else []
+                    out.alerts.append(
+                        withdrawal(alert, explained, "a later upload changed the stock at its time")
+                    )
+                e[STANDING] = letters
+            if e[KIND] == COUNT:
+                totals, last = {}, [e[TS], e[UNITS]]
+            else:
+                totals[e[TOTAL]] = totals.get(e[TOTAL], 0) + e[DELTA] * _SIGN[e[TOTAL]]
+        # what the institution's own time has passed is final
+        horizon = entry.get("ow", NEVER) - self.grace
+        while history and (history[0][TS] <= horizon or len(history) > MAX_HISTORY):
+            self._finalise_one(key, entry, history.pop(0), out)
+        if not history:
+            entry.pop("h", None)
+            entry.pop("seq", None)
+            due = None
+        if due is None:
             entry.pop("due", None)
             entry.pop("dl", None)
-            return
-        if len(pending) > MAX_PENDING:
-            # a ledger far below zero parks a check per dispense: run the oldest now
-            pending.sort(key=lambda c: c[_TS])
-            oldest = pending.pop(0)
-            self._run(entry, oldest, key, out)
-        entry["due"] = min(c[_TS] for c in pending) + self.grace
-        entry["dl"] = lane_of(key.split("|", 1)[0])
-
-    # -- checks in event time --------------------------------------------------------------------
-
-    def fire(
-        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
-    ) -> None:
-        entry = _copy(state.get(key))
-        watermark = watermarks.get(lane_of(key.split("|", 1)[0]), float("-inf"))
-        ripe = sorted(
-            (c for c in entry.get("pend", ()) if c[_TS] + self.grace <= watermark),
-            key=lambda c: c[_TS],
-        )
-        entry["pend"] = [c for c in entry.get("pend", ()) if c[_TS] + self.grace > watermark]
-        for check in ripe:
-            self._run(entry, check, key, out)
-        self._set_due(entry, out, key)
-        state[key] = entry
-
-    def _run(self, entry: State, check: list[Any], key: str, out: StageOutput) -> None:
-        after: dict[str, float] = check[_AFTER]
-        at_ts = entry.get("b", 0) - after.get("b", 0)  # stock at the check's event time
-        tot = entry.get("tot", {})
-        totals_then = {k: v - after.get(k, 0) for k, v in tot.items()}
-        inst, product = key.split("|", 1)
-        if check[_KIND] == OVERSOLD_CHECK:
-            before = at_ts + check[_UNITS]
-            if at_ts < -self.tolerance <= before:
-                out.alerts.append(
-                    self._alert(
-                        "OVERSOLD",
-                        inst,
-                        product,
-                        check,
-                        entry,
-                        totals_then,
-                        {
-                            "expected_stock_before": before,
-                            "units_dispensed": check[_UNITS],
-                            "expected_stock_after": at_ts,
-                        },
-                    )
-                )
-            return
-        counted = check[_UNITS]
-        if abs(counted - at_ts) > self.tolerance:
-            out.alerts.append(
-                self._alert(
-                    "STOCK_COUNT_MISMATCH",
-                    inst,
-                    product,
-                    check,
-                    entry,
-                    totals_then,
-                    {
-                        "expected_units": at_ts,
-                        "counted_units": counted,
-                        "difference_units": counted - at_ts,
-                    },
-                )
-            )
-        # the count is the new baseline; what happened after it is the new "since last count"
-        entry["b"] = counted + after.get("b", 0)
-        entry["cnt"] = [check[_TS], counted]
-        entry["tot"] = {k: v for k, v in after.items() if k != "b" and v}
+        else:
+            entry["due"], entry["dl"] = due, lane_of(inst)
 
     def _alert(
         self,
-        rule: str,
+        letter: str,
         inst: str,
         product: str,
-        check: list[Any],
-        entry: State,
-        totals: dict[str, float],
-        facts: dict[str, Any],
-    ) -> Any:
-        last = entry.get("cnt")
+        e: list[Any],
+        before: int,
+        totals: dict[str, int],
+        last: list[Any] | None,
+    ) -> Alert:
+        if letter == OVERSOLD:
+            rule = "OVERSOLD"
+            facts: dict[str, Any] = {
+                "expected_stock_before": before / MILLI,
+                "units_dispensed": e[UNITS] / MILLI,
+                "expected_stock_after": (before + e[DELTA]) / MILLI,
+            }
+        else:
+            rule = "STOCK_COUNT_MISMATCH"
+            facts = {
+                "expected_units": before / MILLI,
+                "counted_units": e[UNITS] / MILLI,
+                "difference_units": (e[UNITS] - before) / MILLI,
+            }
         return make_alert(
             rule,
             institution=inst,
-            event_ids=[check[_EV]],
-            occurred_at=check[_AT],
+            event_ids=[e[EV]],
+            occurred_at=local_iso(e[TS], e[OFF]),
             evidence={
                 **facts,
                 "unit": "smallest unit (pack_size per pack)",
-                "tolerance_units": self.tolerance,
+                "tolerance_units": self.tolerance / MILLI,
                 "since_last_count": _totals(totals),
-                "last_count": {"at": iso(last[0]), "units": last[1]} if last else None,
+                "last_count": {"at": local_iso(last[0], e[OFF]), "units": last[1] / MILLI}
+                if last
+                else None,
                 "grace_hours": self.grace / 3600,
             },
-            id_facts=(product, check[_EV]),
+            id_facts=(product, e[EV]),
             product=product,
         )
 
@@ -262,13 +309,13 @@ class LedgerStage(BaseStage):
                 "NO_CODE",
                 institution=record["inst"],
                 event_ids=[record["ev"]],
-                occurred_at=record["at"],
+                occurred_at=local_iso(record["ts"], record.get("off", 0)),
                 evidence={
                     "line_no": record["ln"],
                     "quantity": record["q"],
                     "unit": record["unit"],
-                    "legacy_stock_units": legacy,
-                    "units_needed": record["u"],
+                    "legacy_stock_units": legacy / MILLI,
+                    "units_needed": record["u"] / MILLI,
                     "known_product": record["known"],
                 },
                 id_facts=(record["ev"], record["ln"]),
@@ -279,43 +326,36 @@ class LedgerStage(BaseStage):
         return ["NO_CODE"]
 
 
-_TOTAL_NAMES = {
-    "in": "received",
-    "rs": "returned_to_supplier",
-    "out": "dispensed",
-    "ret": "returned_by_patients",
-    "chg": "other_changes",
-    "leg": "legacy_registered",
-}
-_SIGN = {"in": 1, "rs": -1, "out": -1, "ret": 1, "chg": 1, "leg": 1}
+def _totals(tot: dict[str, int]) -> dict[str, float]:
+    return {name: tot.get(short, 0) / MILLI for short, name in _TOTAL_NAMES.items()}
 
 
-def _totals(tot: dict[str, float]) -> dict[str, float]:
-    return {name: tot.get(short, 0) for short, name in _TOTAL_NAMES.items()}
+def figures(entry: State) -> tuple[int, dict[str, int], list[Any] | None]:
+    """Stock after everything known, the totals since the last count, and that count."""
+    stock = entry.get("b", 0)
+    totals = dict(entry.get("tot", {}))
+    last = entry.get("cnt")
+    for e in entry.get("h", ()):
+        if e[KIND] == COUNT:
+            stock, totals, last = e[UNITS], {}, [e[TS], e[UNITS]]
+        else:
+            stock += e[DELTA]
+            totals[e[TOTAL]] = totals.get(e[TOTAL], 0) + e[DELTA] * _SIGN[e[TOTAL]]
+    return stock, totals, last
 
 
 def describe(key: str, entry: State) -> dict[str, Any]:
     """One ledger as an inspector reads it (the read API and `tracewatch ledger`)."""
-    inst, product = key.split("|", 1)
-    last = entry.get("cnt")
+    inst, product = split_key(key)
+    stock, totals, last = figures(entry)
     return {
         "institution": inst,
         "product": product,
-        "expected_units": entry.get("b", 0),
-        "legacy_stock_units": entry.get("legacy", 0),
-        "units_dispensed_without_purchase": entry.get("nr", 0),
-        "last_count": {"at": iso(last[0]), "units": last[1]} if last else None,
-        "since_last_count": _totals(entry.get("tot", {})),
-        "checks_waiting": len(entry.get("pend", ())),
+        "expected_units": stock / MILLI,
+        "legacy_stock_units": entry.get("legacy", 0) / MILLI,
+        "units_dispensed_without_purchase": entry.get("nr", 0) / MILLI,
+        "last_count": {"at": local_iso(last[0]), "units": last[1] / MILLI} if last else None,
+        "since_last_count": _totals(totals),
+        # records a later upload may still re-judge (younger than the grace period)
+        "records_open": len(entry.get("h", ())),
     }
-
-
-def _copy(entry: State | None) -> State:
-    if not entry:
-        return {}
-    copied = dict(entry)
-    if "tot" in copied:
-        copied["tot"] = dict(copied["tot"])
-    if "pend" in copied:
-        copied["pend"] = [list(c) for c in copied["pend"]]
-    return copied

@@ -19,7 +19,7 @@ from typing import Any
 
 from detectors import code_state
 from detectors.alerts import make_alert
-from detectors.catalog import Catalog
+from detectors.catalog import Catalog, Product
 from detectors.codes import classify
 from detectors.settlement_gate import (
     CheckedLine,
@@ -29,7 +29,7 @@ from detectors.settlement_gate import (
     verdict_head,
     verdict_key,
 )
-from topics.records import Alert, Event
+from topics.records import Alert, Event, join_key
 
 # line event type -> what it does to each code it lists
 _CODE_KIND = {
@@ -59,11 +59,11 @@ class Routed:
 
 
 def event_index_key(institution: str, event_id: str) -> str:
-    return f"e|{institution}|{event_id}"
+    return join_key("e", institution, event_id)
 
 
 def settlement_index_key(institution: str, settlement_id: str) -> str:
-    return f"s|{institution}|{settlement_id}"
+    return join_key("s", institution, settlement_id)
 
 
 def dispense_key(event: Event) -> str:
@@ -116,14 +116,17 @@ class IngestView:
 
 
 def ledger_key(institution: str, product: str) -> str:
-    return f"{institution}|{product}"
+    return join_key(institution, product)
 
 
-def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
+def route(event: Event, catalog: Catalog, view: IngestView, own: float | None = None) -> Routed:
+    """`own`: the institution's own event time after this event (`detectors.event_time`), which
+    the ledger finalises its figures by; defaults to the event's own time."""
     out = Routed()
+    own_time = event.occurred_ts if own is None else own
     if event.type == "void":
         voided = event_index_key(event.institution, event.voided_event_id or "")
-        _route_undo(event, view.index.get(voided), code_state.VOID, out)
+        _route_undo(event, view.index.get(voided), code_state.VOID, out, own_time)
         if voided in view.index:
             view.remember(voided, [])  # a second void of it has nothing left to retract
         return out
@@ -132,7 +135,7 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
         if targets is None:
             out.alerts.append(_cancel_without_settlement(event))
         else:
-            _route_undo(event, targets, code_state.CANCEL, out)
+            _route_undo(event, targets, code_state.CANCEL, out, own_time)
         return out
     if event.type == "settlement":
         checked, out.alerts = check_settlement(event, catalog)
@@ -148,18 +151,18 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
     # the second of a sale and its settlement: the ledger has counted this dispense already
     second = skey is not None and skey in view.index
     for cl in checked:
-        record = _line_record(event, cl, vkey)
+        record = _line_record(event, cl, vkey, own_time)
         if second:
             record["dup"] = 1
         out.ledger.append(record)
     kind = _CODE_KIND.get(event.type)
     if kind is not None:
         for cl in checked:
-            _code_records(event, cl, kind, vkey, catalog, view, out)
+            _code_records(event, cl, kind, vkey, catalog, view, out, own_time)
     if event.product is not None:
-        out.ledger.append(_product_record(event, catalog))
+        out.ledger.append(_product_record(event, catalog, own_time))
         if event.codes and event.reason in _STOCK_CHANGE_KIND:
-            _stock_change_codes(event, _STOCK_CHANGE_KIND[event.reason], view, out)
+            _stock_change_codes(event, _STOCK_CHANGE_KIND[event.reason], view, out, own_time)
     targets = [
         *([CODE_TARGET, r["k"], r["t"], r.get("dk")] for r in out.codes),
         *([LEDGER_TARGET, r["k"], r["t"], r["u"], r.get("dup", 0)] for r in out.ledger),
@@ -170,17 +173,18 @@ def route(event: Event, catalog: Catalog, view: IngestView) -> Routed:
     return out
 
 
-def _header(event: Event, key: str, record_id: str, kind: str) -> dict[str, Any]:
+def _header(event: Event, key: str, record_id: str, kind: str, own: float) -> dict[str, Any]:
     """What every record carries: its key, its id (unique per event, line and key), what it
-    does, and the event it comes from."""
+    does, the event it comes from (time and UTC offset) and the institution's own time."""
     return {
         "k": key,
         "id": record_id,
         "t": kind,
         "inst": event.institution,
         "ev": event.event_id,
-        "at": event.occurred_at,
         "ts": event.occurred_ts,
+        "off": event.offset_minutes,
+        "ow": own,
     }
 
 
@@ -192,30 +196,33 @@ def _code_records(
     catalog: Catalog,
     view: IngestView,
     out: Routed,
+    own: float,
 ) -> None:
     if not cl.codes:
         return
     if kind == code_state.RECEIVE:
         view.mark_receiver(event.institution)
     line = cl.line
-    share = 0.0
+    share = 0
     if kind == code_state.DISPENSE and line.split:
-        units = cl.product.units(line.quantity, line.unit) if cl.product else line.quantity
-        share = units / len(cl.codes)
+        share = units_of(cl.product, line.quantity, line.unit) // len(cl.codes)
     for scan in cl.codes:
         assert scan.key is not None
+        owner = code_owner(scan, catalog) or cl.product
         record: dict[str, Any] = {
-            **_header(event, scan.key, f"{event.key}|{line.line_no}|{scan.key}", kind),
+            **_header(event, scan.key, join_key(event.key, str(line.line_no), scan.key), kind, own),
             "ln": line.line_no,
             "p": line.product,
+            "cp": owner.product if owner else line.product,
             "raw": scan.raw,
         }
+        if kind == code_state.RETURN and event.original_event_id is not None:
+            record["of"] = event.original_event_id
         if kind == code_state.DISPENSE:
-            owner = code_owner(scan, catalog) or cl.product
             record["dk"] = dispense_key(event)
             record["sp"] = line.split
             record["u"] = share
-            record["ps"] = owner.pack_size if owner else None
+            record["ps"] = units_of(owner, 1, "pack") if owner else None
             record["rc"] = event.institution in view.receivers
             if event.settlement_id is not None:
                 record["sid"] = event.settlement_id
@@ -224,7 +231,9 @@ def _code_records(
         out.codes.append(record)
 
 
-def _stock_change_codes(event: Event, kind: str, view: IngestView, out: Routed) -> None:
+def _stock_change_codes(
+    event: Event, kind: str, view: IngestView, out: Routed, own: float
+) -> None:
     keys = dict.fromkeys(scan.key for scan in map(classify, event.codes) if scan.key is not None)
     if keys and kind == code_state.RECEIVE:
         view.mark_receiver(event.institution)
@@ -232,13 +241,16 @@ def _stock_change_codes(event: Event, kind: str, view: IngestView, out: Routed) 
         assert key is not None
         out.codes.append(
             {
-                **_header(event, key, f"{event.key}|{key}", kind),
+                **_header(event, key, join_key(event.key, key), kind, own),
                 "p": event.product,
+                "cp": event.product,
             }
         )
 
 
-def _route_undo(event: Event, targets: list[Any] | None, kind: str, out: Routed) -> None:
+def _route_undo(
+    event: Event, targets: list[Any] | None, kind: str, out: Routed, own: float
+) -> None:
     """Send a void or a cancellation to every key the event it names went to.
 
     A void naming nothing ingest remembers (never seen, or older than the index window) has
@@ -246,7 +258,7 @@ def _route_undo(event: Event, targets: list[Any] | None, kind: str, out: Routed)
     """
     for i, target in enumerate(targets or ()):
         record: dict[str, Any] = {
-            **_header(event, target[1], f"{event.key}|{i}", kind),
+            **_header(event, target[1], join_key(event.key, str(i)), kind, own),
             "vt": target[2],
             "of": event.voided_event_id,
         }
@@ -272,16 +284,22 @@ def _cancel_without_settlement(event: Event) -> Alert:
     )
 
 
-def _line_record(event: Event, cl: CheckedLine, vkey: str | None) -> dict[str, Any]:
+def units_of(product: Product | None, quantity: float, unit: str) -> int:
+    """A quantity in thousandths of the smallest unit (an unknown product has packs of one)."""
+    return product.units(quantity, unit) if product else round(quantity * 1000)
+
+
+def _line_record(event: Event, cl: CheckedLine, vkey: str | None, own: float) -> dict[str, Any]:
     line = cl.line
     product = cl.product
-    units = product.units(line.quantity, line.unit) if product else line.quantity
+    units = units_of(product, line.quantity, line.unit)
     record: dict[str, Any] = {
         **_header(
             event,
             ledger_key(event.institution, line.product),
-            f"{event.key}|{line.line_no}",
+            join_key(event.key, str(line.line_no)),
             event.type,
+            own,
         ),
         "p": line.product,
         "ln": line.line_no,
@@ -301,12 +319,14 @@ def _line_record(event: Event, cl: CheckedLine, vkey: str | None) -> dict[str, A
     return record
 
 
-def _product_record(event: Event, catalog: Catalog) -> dict[str, Any]:
+def _product_record(event: Event, catalog: Catalog, own: float) -> dict[str, Any]:
     assert event.product is not None and event.quantity is not None
     product = catalog.get(event.product)
-    units = product.units(event.quantity, event.unit) if product else event.quantity
+    units = units_of(product, event.quantity, event.unit)
     record: dict[str, Any] = {
-        **_header(event, ledger_key(event.institution, event.product), event.key, event.type),
+        **_header(
+            event, ledger_key(event.institution, event.product), event.key, event.type, own
+        ),
         "p": event.product,
         "u": units,
         "q": event.quantity,

@@ -20,7 +20,7 @@ from typing import Any
 from detectors.alerts import make_alert
 from detectors.catalog import Catalog, Product
 from detectors.codes import CodeKind, ScannedCode, classify
-from topics.records import Alert, Event, Line
+from topics.records import Alert, Event, Line, join_key
 
 # CONTRACT.md, "Settlement verdicts": the rules that reject a line.
 REJECTING_RULES = frozenset(
@@ -91,7 +91,11 @@ def check_settlement(event: Event, catalog: Catalog) -> tuple[list[CheckedLine],
                     settlement_id=event.settlement_id,
                 )
             )
-        if cl.scans and not line.split and line.unit == "pack" and len(cl.codes) != line.quantity:
+        # a whole-pack line carries one distinct code per pack, whichever unit it is billed in
+        packs = line.quantity
+        if line.unit == "unit":
+            packs = line.quantity / (cl.product.pack_size if cl.product else 1)
+        if cl.scans and not line.split and len(cl.codes) != packs:
             cl.rules.add("CODE_COUNT_MISMATCH")
             alerts.append(
                 make_alert(
@@ -101,7 +105,7 @@ def check_settlement(event: Event, catalog: Catalog) -> tuple[list[CheckedLine],
                     occurred_at=event.occurred_at,
                     evidence={
                         "line_no": line.line_no,
-                        "packs": line.quantity,
+                        "packs": packs,
                         "distinct_codes": len(cl.codes),
                         "scans": len(cl.scans),
                     },
@@ -131,7 +135,7 @@ def _scan_rule(
 def verdict_key(institution: str, event_id: str) -> str:
     """Verdicts are keyed by the settlement event, not the settlement id: a re-upload of one
     settlement under a new event id gets a verdict of its own."""
-    return f"{institution}|{event_id}"
+    return join_key(institution, event_id)
 
 
 def verdict(head: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any]:

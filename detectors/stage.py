@@ -5,24 +5,40 @@ a plain dict of the states it may touch. Where that dict comes from is not its b
 `replay` it is the whole state in memory; in a worker it holds the states of one batch's keys,
 loaded from Redis in one round trip and written back in another. `apply_records` is the one loop
 both use, so idempotency (skip records already applied) is implemented once.
+
+Stages that wait for event time give their state a `due` (seconds) and `dl` (the lane whose time
+decides it); the store indexes keys by them and calls `fire` once the lane's effective time
+(`detectors.event_time.TimeFrame`) has passed `due`.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Protocol
 
-import orjson
-
+from detectors.event_time import LANES, TimeFrame, Watermarks
 from topics.records import Alert
 
 Record = dict[str, Any]
 State = dict[str, Any]
-# Event time per watermark lane (`lane_of`): each lane's time advances with its own
-# institutions' events only, so a lagging input partition never fires another's checks.
-Watermarks = Mapping[int, float]
-LANES = 16
+
+__all__ = [
+    "LANES",
+    "BaseStage",
+    "Record",
+    "Stage",
+    "StageOutput",
+    "State",
+    "Watermarks",
+    "apply_records",
+    "due_lane",
+    "due_of",
+    "fire_due",
+    "is_due",
+    "lane_of",
+    "raise_watermarks",
+]
 
 
 def lane_of(institution: str) -> int:
@@ -32,7 +48,8 @@ def lane_of(institution: str) -> int:
 
 
 class StageOutput:
-    """What applying records produced: alerts, and per settlement the rules found per line."""
+    """What applying records produced: alerts (and withdrawals), and per settlement the rules
+    found per line."""
 
     __slots__ = ("alerts", "parts", "verdicts")
 
@@ -50,59 +67,29 @@ class StageOutput:
 class Stage(Protocol):
     name: str
 
-    def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
-        """Apply one record; read and replace `state[record['k']]` (absent = never seen)."""
-        ...
-
-    def fire(
-        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
+    def apply(
+        self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame
     ) -> None:
-        """Event time may have passed `state[key]['due']`: run the parked checks whose lane's
-        watermark passed them and replace the state (`due` moved to the next check, or gone).
-        Stages that park nothing never get here."""
+        """Apply one record; read and replace `state[record['k']]` (absent = never seen).
+        An empty state is deleted when stored."""
         ...
 
-    def pack(self, state: State) -> bytes:
-        """State at rest (Redis) as compact bytes; `unpack` reverses it."""
+    def fire(self, key: str, state: dict[str, State], out: StageOutput, frame: TimeFrame) -> None:
+        """Event time may have passed `state[key]['due']`: decide what time has decided and move
+        `due` on (or drop it). Stages that park nothing never get here."""
         ...
-
-    def unpack(self, raw: bytes) -> State: ...
-
-    def field(self, key: str) -> bytes:
-        """A state key as stored (Redis hash field); `unfield` reverses it."""
-        ...
-
-    def unfield(self, raw: bytes) -> str: ...
 
 
 class BaseStage:
-    """Defaults for stages: JSON state at rest, nothing parked in event time."""
+    """Defaults for stages that park nothing in event time."""
 
     name = "stage"
 
-    def pack(self, state: State) -> bytes:
-        return orjson.dumps(state)
-
-    def unpack(self, raw: bytes) -> State:
-        state: State = orjson.loads(raw)
-        return state
-
-    @staticmethod
-    def field(key: str) -> bytes:
-        """The key as stored in Redis."""
-        return key.encode()
-
-    @staticmethod
-    def unfield(raw: bytes) -> str:
-        return raw.decode()
-
-    def fire(
-        self, key: str, state: dict[str, State], watermarks: Watermarks, out: StageOutput
-    ) -> None:
-        entry = dict(state.get(key) or {})
-        entry.pop("due", None)
-        entry.pop("dl", None)
-        state[key] = entry
+    def fire(self, key: str, state: dict[str, State], out: StageOutput, frame: TimeFrame) -> None:
+        entry = state.get(key)
+        if entry:
+            entry.pop("due", None)
+            entry.pop("dl", None)
 
 
 def raise_watermarks(current: dict[int, float], offered: Watermarks) -> dict[int, float]:
@@ -113,8 +100,6 @@ def raise_watermarks(current: dict[int, float], offered: Watermarks) -> dict[int
 
 
 def due_of(state: State | None) -> float | None:
-    """A state that waits for event time to pass carries `due` (seconds since the epoch) and
-    `dl`, the watermark lane that must pass it."""
     return state.get("due") if state else None
 
 
@@ -122,33 +107,28 @@ def due_lane(state: State | None) -> int | None:
     return state.get("dl") if state and "due" in state else None
 
 
-def is_due(state: State | None, watermarks: Watermarks) -> bool:
+def is_due(state: State | None, frame: TimeFrame) -> bool:
     due = due_of(state)
     if due is None:
         return False
     lane = due_lane(state)
-    mark = (
-        watermarks.get(lane, float("-inf"))
-        if lane is not None
-        else max(watermarks.values(), default=float("-inf"))
-    )
-    return due <= mark
+    return lane is not None and due <= frame.at(lane)
 
 
 def fire_due(
     stage: Stage,
     keys: Iterable[str],
     state: dict[str, State],
-    watermarks: Watermarks,
+    frame: TimeFrame,
     out: StageOutput,
 ) -> list[str]:
-    """Fire every key among `keys` whose `due` its lane's watermark has passed, oldest due first
-    (ties by key, so replay and stream fire in one order); returns the keys fired."""
+    """Fire every key among `keys` that time has reached, oldest due first (ties by key, so
+    replay and stream fire in one order); returns the keys fired."""
     ready = sorted(
-        (due_of(state[key]) or 0.0, key) for key in set(keys) if is_due(state.get(key), watermarks)
+        (due_of(state[key]) or 0.0, key) for key in set(keys) if is_due(state.get(key), frame)
     )
     for _due, key in ready:
-        stage.fire(key, state, watermarks, out)
+        stage.fire(key, state, out, frame)
     return [key for _due, key in ready]
 
 
@@ -158,6 +138,7 @@ def apply_records(
     state: dict[str, State],
     applied: set[str],
     out: StageOutput,
+    frame: TimeFrame,
 ) -> list[str]:
     """Apply the records not yet applied, in order; returns the ids newly applied.
 
@@ -170,7 +151,7 @@ def apply_records(
         rid = record["id"]
         if rid in applied:
             continue
-        stage.apply(record, state, out)
+        stage.apply(record, state, out, frame)
         applied.add(rid)
         new_ids.append(rid)
     return new_ids

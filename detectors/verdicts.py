@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from detectors.settlement_gate import verdict
+from topics.records import join_key
+from detectors.event_time import TimeFrame
 from detectors.stage import BaseStage, Record, StageOutput, State
 
 HEAD = "H"
@@ -21,20 +23,22 @@ def part_record(vkey: str, part_id: str, lines: dict[int, list[str]]) -> Record:
     # JSON object keys are strings: line numbers travel as text and `verdict` turns them back.
     return {
         "k": vkey,
-        "id": f"{vkey}|{part_id}",
+        "id": join_key(vkey, part_id),
         "part": part_id,
         "lines": {str(n): r for n, r in lines.items()},
     }
 
 
 def head_record(vkey: str, head: dict[str, Any], expect: list[str]) -> Record:
-    return {"k": vkey, "id": f"{vkey}|{HEAD}", "part": HEAD, "head": head, "expect": expect}
+    return {"k": vkey, "id": join_key(vkey, HEAD), "part": HEAD, "head": head, "expect": expect}
 
 
 class VerdictStage(BaseStage):
     name = "verdict"
 
-    def apply(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
+    def apply(
+        self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame
+    ) -> None:
         key = record["k"]
         entry = dict(state.get(key) or {"parts": {}})
         if record["part"] == HEAD:

@@ -37,6 +37,8 @@ from typing import Any
 
 import orjson
 
+from detectors.event_time import DEFAULT_IDLE_SECONDS as IDLE_SECONDS
+from detectors.event_time import LaneClock, TimeFrame
 from detectors.stage import lane_of
 
 CST = timezone(timedelta(hours=8))
@@ -261,7 +263,7 @@ class _Simulation:
         self.t = gen.start.timestamp()
         self.truth = _Truth()
         self.truth.recording = set(gen.recording)
-        self.lane_max: dict[int, int] = {}  # newest event time per watermark lane
+        self.own: dict[str, int] = {}  # newest event time per institution
         self.out: list[tuple[float, int, bytes]] = []  # (delivery time, seq, message)
         self.shelf: dict[str, dict[str, list[Box]]] = defaultdict(lambda: defaultdict(list))
         self.open_split: dict[str, list[Box]] = defaultdict(list)
@@ -287,8 +289,7 @@ class _Simulation:
             deliver = datetime(day.year, day.month, day.day, 1, 0, tzinfo=CST).timestamp()
             deliver += self.rng.random() * 60
         raw = orjson.dumps(event)
-        lane = lane_of(inst)
-        self.lane_max[lane] = max(self.lane_max.get(lane, 0), int(self.t))
+        self.own[inst] = max(self.own.get(inst, 0), int(self.t))
         self.out.append((deliver, len(self.out), raw))
         self.emitted += 1
         if self.rng.random() < self.r.retry:
@@ -325,12 +326,18 @@ class _Simulation:
             inst = self.rng.choice(insts)
             self.act(inst)
         self.out.sort()
-        # a parked check fires once its institution's watermark lane has passed the grace period
+        # a parked check stands once event time at its institution has passed the grace period:
+        # its lane's watermark (robust to one fast clock), at least the idle bound behind the
+        # others; the ledger's checks also by the institution's own time
+        clock = LaneClock()
+        for inst, ts in self.own.items():
+            clock.observe(inst, lane_of(inst), ts)
+        frame = TimeFrame(clock.marks(), IDLE_SECONDS)
         for inst, code, eid, ts in self.truth.unreceived:
-            if ts + GRACE_SECONDS <= self.lane_max.get(lane_of(inst), 0):
+            if ts + GRACE_SECONDS <= frame.at(lane_of(inst)):
                 self.truth.add("NO_PROVENANCE", inst, code, eid)
         for rule, where, product_code, eid, ts in self.truth.parked:
-            if ts + GRACE_SECONDS <= self.lane_max.get(lane_of(where), 0):
+            if ts + GRACE_SECONDS <= max(frame.at(lane_of(where)), self.own.get(where, 0)):
                 self.truth.add(rule, where, product_code, eid)
         return [raw for _, _, raw in self.out], self.truth.keys, dict(self.legit)
 

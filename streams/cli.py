@@ -42,7 +42,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for _ in iter_jsonl(_open_lines(args.institutions), args.institutions):
             pass  # validated only: no rule reads institutions yet
     # the workers' grace period (TRACEWATCH_GRACE_HOURS), so replay and stream agree
-    pipeline = Pipeline(catalog, grace_seconds=Settings().grace_hours * 3600)
+    settings = Settings()
+    pipeline = Pipeline(
+        catalog,
+        grace_seconds=settings.grace_hours * 3600,
+        idle_seconds=settings.idle_hours * 3600,
+    )
     dead = 0
     with contextlib.ExitStack() as files:
         out: IO[bytes] = (
@@ -60,9 +65,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 dead += 1
                 print(f"{args.events} line {number}: dead letter ({exc})", file=sys.stderr)
                 continue
+            conflicts = len(pipeline.conflicts)
             alerts, verdicts = pipeline.process(event)
-            for alert in alerts:
-                out.write(alert.to_json() + b"\n")
+            if len(pipeline.conflicts) > conflicts:
+                dead += 1
+                print(
+                    f"{args.events} line {number}: dead letter (conflicting_resubmission: "
+                    f"event {event.event_id} of {event.institution} was sent before with "
+                    "other content; the first stands)",
+                    file=sys.stderr,
+                )
+            if alerts:
+                detected = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                for alert in alerts:
+                    alert.detected_at = detected
+                    out.write(alert.to_json() + b"\n")
             if verdicts_out is not None:
                 for verdict in verdicts:
                     verdicts_out.write(orjson.dumps(verdict) + b"\n")

@@ -68,6 +68,9 @@ class Settings:
     web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
     grace_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_GRACE_HOURS", 72.0))
+    # A lane (input partition) whose institutions are all silent is taken to be at most this far
+    # behind the others in event time, so its parked checks still run (detectors.event_time).
+    idle_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_IDLE_HOURS", 24.0))
     applied_ttl_days: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_APPLIED_TTL_DAYS", 2)
     )

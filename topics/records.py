@@ -1,16 +1,25 @@
 """The contract's record types (CONTRACT.md, "Input events", "Alerts") and their validation.
 
 Input is parsed with orjson into plain dicts, then checked and turned into slotted dataclasses in
-one pass. Every way a message can be wrong maps to one of a small, fixed set of reasons
+one pass. Every field's type is checked before it is used, and everything has a bound (`Bounds`,
+documented in the README): a message outside them is refused here with a reason, never half
+accepted, so no later step can fail on it the same way on every retry.
+
+Every way a message can be wrong maps to one of a small, fixed set of reasons
 (`DEAD_LETTER_REASONS`), which are the label values of the dead-letter metric; the human-readable
 detail names the field and says what was expected.
+
+Identifiers (institution, event, settlement, product ids) may hold any printable text but no
+control characters: internal keys join them with `KEY_SEP` (0x1F), which is then injective.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -44,7 +53,36 @@ DEAD_LETTER_REASONS = (
     "unknown_type",
     "bad_timestamp",
     "bad_lines",
+    "too_large",
+    "conflicting_resubmission",
+    "processing_failed",
 )
+
+KEY_SEP = "\x1f"
+
+
+def join_key(*parts: str) -> str:
+    """One string for a tuple of identifiers; injective because identifiers hold no controls."""
+    return KEY_SEP.join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What one event may hold (CONTRACT.md "Bounds"); beyond any of them it is dead-lettered."""
+
+    event_bytes: int = 256 * 1024
+    lines: int = 500
+    codes_per_line: int = 1000
+    id_chars: int = 100  # NHSA's own id fields are at most 30-100 characters
+    code_chars: int = 512  # NHSA's trace-code field holds 100; GS1 strings with spare AIs
+    max_quantity: float = 1_000_000.0
+    min_year: int = 2000
+    max_year: int = 2100
+
+
+BOUNDS = Bounds()
+# minutes east of UTC an `occurred_at` may carry (UTC-12 .. UTC+14 are the zones in use)
+_MAX_OFFSET = timedelta(hours=14)
 
 
 class InvalidEvent(ValueError):
@@ -85,11 +123,38 @@ class Event:
     unit: str = "pack"
     reason: str | None = None
     codes: tuple[str, ...] = field(default=())
+    # minutes east of UTC of occurred_at: alerts show times in the event's own offset
+    offset_minutes: int = 0
+    # hash of the event's content: a resubmission with other content is not a retry
+    digest: str = ""
 
     @property
     def key(self) -> str:
         """The idempotency key: `(institution, event_id)` as one string."""
-        return f"{self.institution}|{self.event_id}"
+        return join_key(self.institution, self.event_id)
+
+
+def _short(value: Any) -> str:
+    """A value as it may appear in a dead letter's detail: never the whole of a huge input."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _has_controls(text: str) -> bool:
+    return any(unicodedata.category(ch)[0] == "C" for ch in text) if not text.isprintable() else False
+
+
+def normalise_id(value: Any) -> str | None:
+    """An identifier as every part of the system keys it (ingest, `tracewatch produce`, the
+    gateway): numbers as their decimal text, surrounding whitespace removed. None if unusable."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # ids sent as numbers are common in HIS exports
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or len(value) > BOUNDS.id_chars or _has_controls(value):
+        return None
+    return value
 
 
 def _str(obj: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
@@ -98,11 +163,14 @@ def _str(obj: dict[str, Any], name: str, where: str, required: bool = True) -> s
         if required:
             raise InvalidEvent("missing_field", f"{where}{name} is required")
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # ids sent as numbers are common in HIS exports
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidEvent("bad_field", f"{where}{name} must be a non-empty string")
-    return value.strip()
+    text = normalise_id(value)
+    if text is None:
+        raise InvalidEvent(
+            "bad_field",
+            f"{where}{name} must be a non-empty string of at most {BOUNDS.id_chars} characters "
+            f"without control characters, got {_short(value)}",
+        )
+    return text
 
 
 def _number(obj: dict[str, Any], name: str, where: str) -> float:
@@ -110,17 +178,29 @@ def _number(obj: dict[str, Any], name: str, where: str) -> float:
     if value is None:
         raise InvalidEvent("missing_field", f"{where}{name} is required")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidEvent("bad_field", f"{where}{name} must be a finite number, got {value!r}")
+        raise InvalidEvent(
+            "bad_field", f"{where}{name} must be a finite number, got {_short(value)}"
+        )
+    if abs(value) > BOUNDS.max_quantity:
+        raise InvalidEvent(
+            "bad_field", f"{where}{name} must be at most {BOUNDS.max_quantity:g}, got {value:g}"
+        )
     return float(value)
 
 
+def _choice(obj: dict[str, Any], name: str, where: str, allowed: frozenset[str], default: str | None) -> str | None:
+    value = obj.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidEvent(
+            "bad_field", f"{where}{name} must be one of {sorted(allowed)}, got {_short(value)}"
+        )
+    return value
+
+
 def _unit(obj: dict[str, Any], where: str) -> str:
-    unit = obj.get("unit", "pack")
-    if unit is None:
-        return "pack"
-    if unit not in UNITS:
-        raise InvalidEvent("bad_field", f"{where}unit must be 'pack' or 'unit', got {unit!r}")
-    return str(unit)
+    return _choice(obj, "unit", where, UNITS, "pack") or "pack"
 
 
 def _codes(obj: dict[str, Any], where: str) -> tuple[str, ...]:
@@ -129,11 +209,22 @@ def _codes(obj: dict[str, Any], where: str) -> tuple[str, ...]:
         return ()
     if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
         raise InvalidEvent("bad_field", f"{where}codes must be a list of strings")
+    if len(codes) > BOUNDS.codes_per_line:
+        raise InvalidEvent(
+            "too_large", f"{where}codes holds {len(codes)} scans, at most {BOUNDS.codes_per_line}"
+        )
+    for i, code in enumerate(codes):
+        if len(code) > BOUNDS.code_chars:
+            raise InvalidEvent(
+                "too_large",
+                f"{where}codes[{i}] is {len(code)} characters, at most {BOUNDS.code_chars}",
+            )
     return tuple(codes)
 
 
-def parse_timestamp(text: Any, where: str = "occurred_at") -> float:
-    if not isinstance(text, str):
+def parse_timestamp(text: Any, where: str = "occurred_at") -> tuple[float, int]:
+    """Seconds since the epoch and the offset in minutes east of UTC."""
+    if not isinstance(text, str) or len(text) > 64:
         raise InvalidEvent("bad_timestamp", f"{where} must be an ISO-8601 string with offset")
     try:
         ts = datetime.fromisoformat(text)
@@ -141,11 +232,18 @@ def parse_timestamp(text: Any, where: str = "occurred_at") -> float:
         raise InvalidEvent(
             "bad_timestamp", f"{where} {text!r} is not ISO-8601 (e.g. 2025-07-01T09:30:00+08:00)"
         ) from None
-    if ts.tzinfo is None:
+    offset = ts.utcoffset()
+    if offset is None:
         raise InvalidEvent(
             "bad_timestamp", f"{where} {text!r} has no UTC offset; add one, e.g. +08:00"
         )
-    return ts.timestamp()
+    if not BOUNDS.min_year <= ts.year <= BOUNDS.max_year or abs(offset) > _MAX_OFFSET:
+        raise InvalidEvent(
+            "bad_timestamp",
+            f"{where} {text!r} is outside {BOUNDS.min_year}-{BOUNDS.max_year} or its offset "
+            "outside -14:00..+14:00",
+        )
+    return ts.timestamp(), int(offset.total_seconds() // 60)
 
 
 def _line(obj: Any, index: int) -> Line:
@@ -153,12 +251,14 @@ def _line(obj: Any, index: int) -> Line:
     if not isinstance(obj, dict):
         raise InvalidEvent("bad_lines", f"lines[{index}] must be an object")
     line_no = obj.get("line_no")
-    if isinstance(line_no, bool) or not isinstance(line_no, int):
-        raise InvalidEvent("bad_lines", f"{where}line_no must be an integer")
+    if isinstance(line_no, bool) or not isinstance(line_no, int) or not 0 <= line_no < 2**31:
+        raise InvalidEvent("bad_lines", f"{where}line_no must be an integer from 0 to 2^31-1")
     quantity = _number(obj, "quantity", where)
     if quantity <= 0:
-        raise InvalidEvent("bad_field", f"{where}quantity must be positive, got {quantity}")
+        raise InvalidEvent("bad_field", f"{where}quantity must be positive, got {quantity:g}")
     split = obj.get("split", False)
+    if split is None:
+        split = False
     if not isinstance(split, bool):
         raise InvalidEvent("bad_field", f"{where}split must be true or false")
     batch = obj.get("batch")
@@ -169,19 +269,32 @@ def _line(obj: Any, index: int) -> Line:
         unit=_unit(obj, where),
         split=split,
         codes=_codes(obj, where),
-        batch=batch if isinstance(batch, str) else None,
+        batch=batch if isinstance(batch, str) and len(batch) <= BOUNDS.id_chars else None,
     )
 
 
 def parse_event(raw: bytes | str) -> Event:
     """Decode and validate one input message; raises InvalidEvent with the reason."""
+    size = len(raw)
+    if size > BOUNDS.event_bytes:
+        raise InvalidEvent(
+            "too_large", f"the event is {size} bytes, at most {BOUNDS.event_bytes} are accepted"
+        )
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("not_json", f"not valid UTF-8 JSON ({exc})") from None
+        raise InvalidEvent("not_json", f"not valid UTF-8 JSON ({_short(str(exc))})") from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", "an event must be a JSON object")
     return event_from_dict(obj)
+
+
+def _digest(obj: dict[str, Any]) -> str:
+    try:
+        canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # non-str keys from a caller's dict
+        canonical = repr(obj).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 
 def event_from_dict(obj: dict[str, Any]) -> Event:
@@ -189,23 +302,30 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
     etype = obj.get("type")
     if etype is None:
         raise InvalidEvent("missing_field", "type is required")
-    if etype not in EVENT_TYPES:
-        raise InvalidEvent("unknown_type", f"type {etype!r} is not one of {sorted(EVENT_TYPES)}")
+    if not isinstance(etype, str) or etype not in EVENT_TYPES:
+        raise InvalidEvent(
+            "unknown_type", f"type {_short(etype)} is not one of {sorted(EVENT_TYPES)}"
+        )
     institution = _str(obj, "institution", "") or ""
     if "occurred_at" not in obj:
         raise InvalidEvent("missing_field", "occurred_at is required")
-    occurred_ts = parse_timestamp(obj["occurred_at"])
+    occurred_ts, offset = parse_timestamp(obj["occurred_at"])
     common: dict[str, Any] = {
         "event_id": event_id,
         "type": etype,
         "institution": institution,
         "occurred_at": obj["occurred_at"],
         "occurred_ts": occurred_ts,
+        "offset_minutes": offset,
     }
     if etype in LINE_TYPES:
         lines = obj.get("lines")
         if not isinstance(lines, list) or not lines:
             raise InvalidEvent("bad_lines", f"a {etype} needs a non-empty list of lines")
+        if len(lines) > BOUNDS.lines:
+            raise InvalidEvent(
+                "too_large", f"the {etype} has {len(lines)} lines, at most {BOUNDS.lines}"
+            )
         parsed = tuple(_line(item, i) for i, item in enumerate(lines))
         if len({ln.line_no for ln in parsed}) != len(parsed):
             raise InvalidEvent("bad_lines", "line_no must be unique within the event")
@@ -213,7 +333,7 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         if etype == "settlement":
             common["settlement_id"] = _str(obj, "settlement_id", "")
             patient = obj.get("patient")
-            common["patient"] = patient if isinstance(patient, str) else None
+            common["patient"] = normalise_id(patient) if patient is not None else None
         elif etype == "sale":
             common["settlement_id"] = _str(obj, "settlement_id", "", required=False)
         elif etype == "sale_return":
@@ -227,16 +347,15 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         common["unit"] = _unit(obj, "")
         if etype == "stock_change":
             reason = obj.get("reason")
-            if reason not in STOCK_CHANGE_REASONS:
-                raise InvalidEvent(
-                    "bad_field", f"reason must be one of {sorted(STOCK_CHANGE_REASONS)}"
-                )
-            common["reason"] = reason
+            if reason is None:
+                raise InvalidEvent("missing_field", "reason is required for a stock_change")
+            common["reason"] = _choice(obj, "reason", "", STOCK_CHANGE_REASONS, None)
             common["codes"] = _codes(obj, "")
     elif etype == "settlement_cancel":
         common["settlement_id"] = _str(obj, "settlement_id", "")
     elif etype == "void":
         common["voided_event_id"] = _str(obj, "voided_event_id", "")
+    common["digest"] = _digest(obj)
     return Event(**common)
 
 
@@ -255,8 +374,12 @@ class Alert:
     code: str | None = None
     settlement_id: str | None = None
     detected_at: str | None = None
+    # None: the alert stands. "withdrawn": data that arrived later explains it away; the message
+    # repeats the alert's id and facts, and `evidence.explained_by` names the events that did.
+    status: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"status": self.status} if self.status is not None else {}
         return {
             "alert_id": self.alert_id,
             "rule": self.rule,
@@ -269,6 +392,7 @@ class Alert:
             "occurred_at": self.occurred_at,
             "detected_at": self.detected_at,
             "evidence": self.evidence,
+            **extra,
         }
 
     def to_json(self) -> bytes:

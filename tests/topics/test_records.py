@@ -20,7 +20,7 @@ GOOD = {
 
 def test_good_event_parses() -> None:
     event = parse_event(orjson.dumps({**GOOD, "extra": {"kept": "ignored"}}))
-    assert event.key == "H1|e1"
+    assert event.key == "H1\x1fe1"
     assert event.lines[0].unit == "pack" and event.lines[0].split is False
     assert event.occurred_ts == 1772413200.0
 
