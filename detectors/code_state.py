@@ -40,7 +40,7 @@ from bisect import insort
 from typing import Any
 
 from detectors.alerts import local_iso, make_alert, withdrawal
-from detectors.event_time import DEFAULT_GRACE_SECONDS, DEFAULT_IDLE_SECONDS, TimeFrame
+from detectors.event_time import DEFAULT_GRACE_SECONDS, TimeFrame
 from detectors.stage import BaseStage, Record, StageOutput, State, lane_of
 from topics.records import Alert
 
@@ -153,10 +153,8 @@ class CodeStage(BaseStage):
     def __init__(
         self,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
-        idle_seconds: float = DEFAULT_IDLE_SECONDS,
     ) -> None:
         self.grace = round(grace_seconds)
-        self.idle = idle_seconds
 
     def apply(
         self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame

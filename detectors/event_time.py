@@ -9,11 +9,13 @@ Checks that wait for late data (NO_PROVENANCE, OVERSOLD, STOCK_COUNT_MISMATCH) a
 - A **lane** is an input partition's share of institutions (CRC-32 of the institution, as
   librdkafka's default partitioner), so a partition that lags (a consumer catching up a backlog)
   is never judged by the others' progress. A lane's watermark is the latest own time of its
-  institutions, but never more than `CLOCK_SKEW` past the second latest: one device clock 100 h
-  fast moves only its own institution, not the others in its lane.
+  institutions, but never more than `CLOCK_SKEW` past the second latest of them: one device
+  clock 100 h fast moves no other institution's checks in its lane.
 - **Idle bound** (Flink's idle sources, in event time so that replay gives what the live run
   gave): a lane whose institutions all fall silent would hold its checks for ever, so a lane is
-  taken to be at least `idle` behind the overall watermark (the same robust maximum, over lanes).
+  taken to be at most `idle` behind the latest lane.
+- Every one of these only moves forward as events arrive, whatever their order, and ends at a
+  value set by the events alone: the final alerts are the same in every interleaving.
   A check fired that way that data arriving later explains away is withdrawn (detectors decide
   alerts as a function of the data they hold, `detectors.code_state`, `detectors.ledger`).
 
@@ -34,37 +36,54 @@ Watermarks = Mapping[int, float]
 
 
 def robust_max(values: Iterable[float]) -> float:
-    """The largest value, but at most `CLOCK_SKEW` past the second largest."""
+    """The largest value, but at most `CLOCK_SKEW` past the second largest, and nothing until
+    there are two: one clock alone proves nothing. Adding a value or raising one never lowers
+    it, so a store that keeps the largest result it has seen keeps the current one, and the final
+    result depends only on the final values, not on the order they came in."""
     first = second = NEVER
     for value in values:
         if value > first:
             first, second = value, first
         elif value > second:
             second = value
-    if second == NEVER:
-        return first
     return min(first, second + CLOCK_SKEW)
 
 
+Tops = Mapping[int, tuple[float, float]]
+
+
+def effective_marks(tops: Tops, idle: float = DEFAULT_IDLE_SECONDS) -> dict[int, float]:
+    """Each lane's effective time from the two latest own times among its institutions.
+
+    A lane's time is its latest institution's, capped at `CLOCK_SKEW` past the second latest of
+    the lane (a device clock 100 h fast moves no other institution's checks in its lane; a lone
+    institution is its own clock). No lane is taken to be more than `idle` behind the latest lane
+    (every institution of it silent). Monotone as events arrive, except when a lane's second
+    institution first appears; stores therefore derive these from the lanes' tops every time
+    rather than keeping the largest they have seen."""
+    marks = {
+        lane: min(first, second + CLOCK_SKEW) if second > NEVER else first
+        for lane, (first, second) in tops.items()
+    }
+    floor = max(marks.values(), default=NEVER) - idle
+    return {lane: max(mark, floor) for lane, mark in marks.items()}
+
+
 class TimeFrame:
-    """Effective time per lane for one set of lane watermarks (built once per batch)."""
+    """Effective time per lane (from `effective_marks`), as one batch sees it."""
 
-    __slots__ = ("floor", "marks")
+    __slots__ = ("marks",)
 
-    def __init__(self, marks: Watermarks, idle: float = DEFAULT_IDLE_SECONDS) -> None:
+    def __init__(self, marks: Watermarks) -> None:
         self.marks = marks
-        self.floor = robust_max(marks.values()) - idle if marks else NEVER
 
     def at(self, lane: int) -> float:
-        return max(self.marks.get(lane, NEVER), self.floor)
-
-    def all(self) -> dict[int, float]:
-        return {lane: max(mark, self.floor) for lane, mark in self.marks.items()}
+        return self.marks.get(lane, NEVER)
 
 
 class LaneClock:
-    """Own time per institution and the lanes' watermarks, kept where the input is read
-    (ingest per input partition; replay for all). Only ever moves forward."""
+    """Own time per institution and the two latest own times per lane, kept where the input is
+    read (ingest per input partition; replay for all). Only ever moves forward."""
 
     __slots__ = ("_top", "own")
 
@@ -85,18 +104,12 @@ class LaneClock:
         self._top[lane] = top[:2]
         return ts
 
-    def mark(self, lane: int) -> float:
-        return robust_max(t for t, _ in self._top.get(lane, ()))
+    def top(self, lane: int) -> tuple[float, float]:
+        pair = self._top.get(lane, ())
+        return (
+            pair[0][0] if pair else NEVER,
+            pair[1][0] if len(pair) > 1 else NEVER,
+        )
 
-    def marks(self) -> dict[int, float]:
-        return {lane: self.mark(lane) for lane in self._top}
-
-    def restore(self, lane: int, top: Iterable[tuple[float, str]]) -> None:
-        """Seed a lane from stored state (a worker taking over an input partition)."""
-        merged = {inst: ts for ts, inst in self._top.get(lane, ())}
-        for ts, inst in top:
-            merged[inst] = max(ts, merged.get(inst, NEVER))
-        self._top[lane] = sorted(((ts, inst) for inst, ts in merged.items()), reverse=True)[:2]
-
-    def top(self, lane: int) -> list[tuple[float, str]]:
-        return list(self._top.get(lane, ()))
+    def tops(self) -> dict[int, tuple[float, float]]:
+        return {lane: self.top(lane) for lane in self._top}

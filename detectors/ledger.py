@@ -47,7 +47,7 @@ from typing import Any
 
 from detectors.alerts import local_iso, make_alert, withdrawal
 from detectors.code_state import CANCEL, VOID
-from detectors.event_time import DEFAULT_GRACE_SECONDS, DEFAULT_IDLE_SECONDS, NEVER, TimeFrame
+from detectors.event_time import DEFAULT_GRACE_SECONDS, NEVER, TimeFrame
 from detectors.stage import BaseStage, Record, StageOutput, State, lane_of
 from topics.records import KEY_SEP, Alert
 
@@ -94,11 +94,9 @@ class LedgerStage(BaseStage):
         self,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         tolerance: float = DEFAULT_TOLERANCE_UNITS,
-        idle_seconds: float = DEFAULT_IDLE_SECONDS,
     ) -> None:
         self.grace = round(grace_seconds)
         self.tolerance = round(tolerance * MILLI)
-        self.idle = idle_seconds
 
     def apply(
         self, record: Record, state: dict[str, State], out: StageOutput, frame: TimeFrame
@@ -116,7 +114,7 @@ class LedgerStage(BaseStage):
             if record["vt"] in _DISPENSES and not record.get("dup"):
                 self._add(entry, record, CHANGE, "ret", record["u"])
         elif kind == VOID:
-            self._void(entry, record)
+            self._void(key, entry, record, out)
         elif kind in _DIRECTION:
             if kind == "legacy_stock":
                 entry["legacy"] = entry.get("legacy", 0) + record["u"]
@@ -161,23 +159,29 @@ class LedgerStage(BaseStage):
         units = record["u"] if kind != CHANGE else abs(delta)
         return [round(record["ts"]), seq, total, delta, record["ev"], record.get("off", 0), "", kind, units]
 
-    def _void(self, entry: State, record: Record) -> None:
+    def _void(self, key: str, entry: State, record: Record, out: StageOutput) -> None:
+        """A void of a movement is booked when the void is made (the cash sale taken back, the
+        mistaken purchase taken off the shelf); a void of a count removes the count."""
         voided = record["vt"]
         if voided == "legacy_stock":
             entry["legacy"] = max(0, entry.get("legacy", 0) - record["u"])
-        if record.get("dup") or (voided not in _DIRECTION and voided != "stock_count"):
+        if record.get("dup"):
+            return
+        if voided in _DIRECTION:
+            sign, total = _DIRECTION[voided]
+            self._add(entry, record, CHANGE, total, -sign * record["u"])
+            return
+        if voided != "stock_count":
             return
         history = entry.get("h", [])
         for i, e in enumerate(history):
-            if e[EV] == record["of"] and (e[UNITS] == record["u"] or e[KIND] == COUNT):
+            if e[EV] == record["of"] and e[KIND] == COUNT:
                 del history[i]
+                if e[STANDING]:
+                    inst, product = split_key(key)
+                    alert = self._alert(e[STANDING], inst, product, e, 0, {}, None)
+                    out.alerts.append(withdrawal(alert, [record["ev"]], "the count was voided"))
                 return
-        if voided in _DIRECTION:  # already final: take it out of the final figures
-            sign, total = _DIRECTION[voided]
-            delta = -sign * record["u"]
-            entry["b"] = entry.get("b", 0) + delta
-            tot = entry.setdefault("tot", {})
-            tot[total] = tot.get(total, 0) + delta * _SIGN[total]
 
     def _finalise_one(self, key: str, entry: State, e: list[Any], out: StageOutput) -> None:
         if e[KIND] == COUNT:

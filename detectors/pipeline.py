@@ -24,6 +24,7 @@ from detectors.event_time import (
     LaneClock,
     TimeFrame,
     Watermarks,
+    effective_marks,
 )
 from detectors.ledger import LedgerStage
 from detectors.routing import IngestView, Routed, route
@@ -37,7 +38,6 @@ from detectors.stage import (
     due_of,
     fire_due,
     lane_of,
-    raise_watermarks,
 )
 from detectors.verdicts import VerdictStage, head_record, part_record
 from topics.records import Alert, Event, join_key
@@ -66,17 +66,14 @@ def expected_parts(
 class MemoryStage:
     """A stage with its state, applied ids and parked checks in memory: replay's store."""
 
-    def __init__(
-        self, stage: Stage, track_applied: bool = False, idle: float = DEFAULT_IDLE_SECONDS
-    ) -> None:
+    def __init__(self, stage: Stage, track_applied: bool = False) -> None:
         self.stage = stage
-        self.idle = idle
         self.state: dict[str, State] = {}
         self.applied: set[str] = set()
         # key -> ids applied to it, kept only for `tracewatch rebuild` (it writes them out)
         self.applied_by_key: dict[str, list[str]] | None = {} if track_applied else None
         self.watermarks: dict[int, float] = {}
-        self.frame = TimeFrame({}, idle)
+        self.frame = TimeFrame({})
         # per watermark lane, a heap of (due, key); stale entries are skipped when popped
         self._due: dict[int, list[tuple[float, str]]] = {}
 
@@ -90,9 +87,10 @@ class MemoryStage:
     def apply(
         self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
     ) -> None:
-        """`watermarks`: lanes whose watermark moved (lanes never move back)."""
-        if watermarks and raise_watermarks(self.watermarks, watermarks):
-            self.frame = TimeFrame(dict(self.watermarks), self.idle)
+        """`watermarks`: the lanes' effective times now (`effective_marks`)."""
+        if watermarks is not None and watermarks != self.watermarks:
+            self.watermarks = dict(watermarks)
+            self.frame = TimeFrame(self.watermarks)
         touched: set[str] = set()
         if records:
             new_ids = apply_records(
@@ -139,12 +137,9 @@ class Pipeline:
         self.conflicts: list[Event] = []
         self.view = IngestView()
         self.clock = LaneClock()
-        self.ledger = MemoryStage(
-            LedgerStage(grace_seconds, idle_seconds=idle_seconds), track_applied, idle_seconds
-        )
-        self.codes = MemoryStage(
-            CodeStage(grace_seconds, idle_seconds), track_applied, idle_seconds
-        )
+        self.idle = idle_seconds
+        self.ledger = MemoryStage(LedgerStage(grace_seconds), track_applied)
+        self.codes = MemoryStage(CodeStage(grace_seconds), track_applied)
         self.verdicts = MemoryStage(VerdictStage())
 
     def process(self, event: Event) -> tuple[list[Alert], list[dict[str, Any]]]:
@@ -158,7 +153,7 @@ class Pipeline:
         lane = lane_of(event.institution)
         own = self.clock.observe(event.institution, lane, event.occurred_ts)
         routed = route(event, self.catalog, self.view, own)
-        moved = {lane: self.clock.mark(lane)}
+        moved = effective_marks(self.clock.tops(), self.idle)
         alerts = list(routed.alerts)
         records: list[Record] = []
         for stage, stage_records, part in (

@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from detectors.event_time import DEFAULT_IDLE_SECONDS as IDLE_SECONDS
-from detectors.event_time import LaneClock, TimeFrame
+from detectors.event_time import LaneClock, TimeFrame, effective_marks
 from detectors.stage import lane_of
 
 CST = timezone(timedelta(hours=8))
@@ -332,7 +332,7 @@ class _Simulation:
         clock = LaneClock()
         for inst, ts in self.own.items():
             clock.observe(inst, lane_of(inst), ts)
-        frame = TimeFrame(clock.marks(), IDLE_SECONDS)
+        frame = TimeFrame(effective_marks(clock.tops(), IDLE_SECONDS))
         for inst, code, eid, ts in self.truth.unreceived:
             if ts + GRACE_SECONDS <= frame.at(lane_of(inst)):
                 self.truth.add("NO_PROVENANCE", inst, code, eid)
