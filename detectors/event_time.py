@@ -104,6 +104,14 @@ class LaneClock:
         self._top[lane] = top[:2]
         return ts
 
+    def seed(self, lane: int, top: Iterable[tuple[float, str]]) -> None:
+        """Start from a lane's stored two latest (own time, institution)."""
+        for ts, inst in top:
+            self.observe(inst, lane, ts)
+
+    def named_tops(self) -> dict[int, list[tuple[float, str]]]:
+        return {lane: list(top) for lane, top in self._top.items()}
+
     def top(self, lane: int) -> tuple[float, float]:
         pair = self._top.get(lane, ())
         return (

@@ -126,7 +126,9 @@ class LedgerStage(BaseStage):
                 if kind in _DISPENSES:
                     held = self.stock(entry)
                     if record["u"] > max(0, held):
-                        entry["nr"] = entry.get("nr", 0) + min(record["u"], record["u"] - max(0, held))
+                        entry["nr"] = entry.get("nr", 0) + min(
+                            record["u"], record["u"] - max(0, held)
+                        )
                     self._add(entry, record, DISPENSED, total, -record["u"])
                 else:
                     self._add(entry, record, CHANGE, total, sign * record["u"])
@@ -151,13 +153,21 @@ class LedgerStage(BaseStage):
         e = self._entry(entry, record, kind, total, delta)
         insort(history, e, key=lambda e: (e[TS], e[SEQ]))
 
-    def _entry(
-        self, entry: State, record: Record, kind: str, total: str, delta: int
-    ) -> list[Any]:
+    def _entry(self, entry: State, record: Record, kind: str, total: str, delta: int) -> list[Any]:
         seq = entry.get("seq", 0) + 1
         entry["seq"] = seq
         units = record["u"] if kind != CHANGE else abs(delta)
-        return [round(record["ts"]), seq, total, delta, record["ev"], record.get("off", 0), "", kind, units]
+        return [
+            round(record["ts"]),
+            seq,
+            total,
+            delta,
+            record["ev"],
+            record.get("off", 0),
+            "",
+            kind,
+            units,
+        ]
 
     def _void(self, key: str, entry: State, record: Record, out: StageOutput) -> None:
         """A void of a movement is booked when the void is made (the cash sale taken back, the
@@ -188,7 +198,17 @@ class LedgerStage(BaseStage):
             if not e[STANDING] and abs(e[UNITS] - entry.get("b", 0)) > self.tolerance:
                 # a count later than the grace period: judged against the final figures
                 inst, product = split_key(key)
-                out.alerts.append(self._alert(MISMATCH, inst, product, e, entry.get("b", 0), entry.get("tot", {}), entry.get("cnt")))
+                out.alerts.append(
+                    self._alert(
+                        MISMATCH,
+                        inst,
+                        product,
+                        e,
+                        entry.get("b", 0),
+                        entry.get("tot", {}),
+                        entry.get("cnt"),
+                    )
+                )
             entry["b"] = e[UNITS]
             entry["tot"] = {}
             entry["cnt"] = [e[TS], e[UNITS]]

@@ -93,9 +93,7 @@ class MemoryStage:
             self.frame = TimeFrame(self.watermarks)
         touched: set[str] = set()
         if records:
-            new_ids = apply_records(
-                self.stage, records, self.state, self.applied, out, self.frame
-            )
+            new_ids = apply_records(self.stage, records, self.state, self.applied, out, self.frame)
             if self.applied_by_key is not None and new_ids:
                 fresh = set(new_ids)
                 for record in records:

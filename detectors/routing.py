@@ -231,9 +231,7 @@ def _code_records(
         out.codes.append(record)
 
 
-def _stock_change_codes(
-    event: Event, kind: str, view: IngestView, out: Routed, own: float
-) -> None:
+def _stock_change_codes(event: Event, kind: str, view: IngestView, out: Routed, own: float) -> None:
     keys = dict.fromkeys(scan.key for scan in map(classify, event.codes) if scan.key is not None)
     if keys and kind == code_state.RECEIVE:
         view.mark_receiver(event.institution)
@@ -324,9 +322,7 @@ def _product_record(event: Event, catalog: Catalog, own: float) -> dict[str, Any
     product = catalog.get(event.product)
     units = units_of(product, event.quantity, event.unit)
     record: dict[str, Any] = {
-        **_header(
-            event, ledger_key(event.institution, event.product), event.key, event.type, own
-        ),
+        **_header(event, ledger_key(event.institution, event.product), event.key, event.type, own),
         "p": event.product,
         "u": units,
         "q": event.quantity,

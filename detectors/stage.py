@@ -139,19 +139,31 @@ def apply_records(
     applied: set[str],
     out: StageOutput,
     frame: TimeFrame,
+    failed: list[tuple[Record, Exception]] | None = None,
 ) -> list[str]:
     """Apply the records not yet applied, in order; returns the ids newly applied.
 
     `applied` holds the ids of records whose effects are already in `state` (it grows here), so
     a record redelivered after a crash, or re-sent by an upstream that crashed after producing,
     changes nothing and raises no alert twice.
+
+    With `failed`, a record the detectors raise on is set aside there (with the exception) and
+    counted as applied, so it is dead-lettered once instead of failing its batch on every retry;
+    the detectors are pure, so it would fail the same way again. What it changed before it
+    failed stays (a detector bug, reported with the record).
     """
     new_ids: list[str] = []
     for record in records:
         rid = record["id"]
         if rid in applied:
             continue
-        stage.apply(record, state, out, frame)
+        if failed is None:
+            stage.apply(record, state, out, frame)
+        else:
+            try:
+                stage.apply(record, state, out, frame)
+            except Exception as exc:
+                failed.append((record, exc))
         applied.add(rid)
         new_ids.append(rid)
     return new_ids

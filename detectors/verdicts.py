@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from detectors.settlement_gate import verdict
-from topics.records import join_key
 from detectors.event_time import TimeFrame
+from detectors.settlement_gate import verdict
 from detectors.stage import BaseStage, Record, StageOutput, State
+from topics.records import join_key
 
 HEAD = "H"
 

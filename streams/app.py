@@ -13,6 +13,7 @@ server. Per-key state is not in Faust Tables (one changelog message per write ca
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from detectors.pipeline import CODE_PART, LEDGER_PART
 from detectors.stage import Stage
 from detectors.verdicts import VerdictStage
 from streams import metrics
+from streams.codecs import CodeCodec, JsonCodec
 from streams.output import OutputProducer
 from streams.processors import IngestProcessor, Message, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
@@ -95,6 +97,23 @@ async def _with_retry(
             delay = min(delay * 2, 10.0)
 
 
+async def _until_done(what: str, step: Callable[[], Awaitable[None]]) -> None:
+    """Retry a step that only a Redis or broker outage can fail (with backoff, for as long as
+    the outage lasts): a partition assigned while Redis is down must not kill the worker."""
+    delay = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.BATCH_RETRIES.labels("assign").inc()
+            log.error("%s failed, retrying in %.1fs: %r", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def build_app(settings: Settings) -> faust.App:
     global _fetch_max_wait_ms
     _fetch_max_wait_ms = settings.fetch_max_wait_ms
@@ -111,7 +130,7 @@ def build_app(settings: Settings) -> faust.App:
         topic_disable_leader=False,
         consumer_auto_offset_reset="earliest",
         web_port=settings.web_port,
-        web_host="0.0.0.0",
+        web_host=settings.web_host,
         producer_linger_ms=5,
         producer_compression_type="lz4",
         stream_buffer_maxsize=65536,
@@ -140,11 +159,12 @@ def build_app(settings: Settings) -> faust.App:
             tag,
             settings.state_buckets,
             settings.applied_ttl_days,
-            codec=stage,
+            codec=CodeCodec() if isinstance(stage, CodeStage) else JsonCodec(),
         )
-        return StageProcessor(stage, store, producer, part_prefix=part_prefix)
+        return StageProcessor(stage, store, producer, part_prefix=part_prefix, idle_seconds=idle)
 
     grace = settings.grace_hours * 3600
+    idle = settings.idle_hours * 3600
     ledger = processor(LedgerStage(grace), LEDGER_PART, part_prefix=LEDGER_PART)
     codes = processor(CodeStage(grace), CODE_PART, part_prefix=CODE_PART)
     verdicts = processor(VerdictStage(), "V")
@@ -186,7 +206,10 @@ def build_app(settings: Settings) -> faust.App:
             mine = {tp.partition for tp in assigned if tp.topic == topic_name}
             held = set(processor.store.generations)
             processor.store.release(held - mine)
-            await processor.store.acquire(sorted(mine - held))
+            await _until_done(
+                f"take over {topic_name} partitions",
+                functools.partial(processor.store.acquire, sorted(mine - held)),
+            )
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
@@ -208,18 +231,6 @@ def build_app(settings: Settings) -> faust.App:
             await catalog.refresh()
         except Exception as exc:  # Redis briefly away: keep the catalog we have
             log.warning("catalog refresh failed: %r", exc)
-
-    @app.page("/ledger")
-    async def ledger_page(web: Any, request: Any) -> Any:
-        from streams.ledger_view import ledger_figures
-
-        institution = request.query.get("institution")
-        if not institution:
-            return web.json({"error": "add ?institution=CODE (and &product=CODE)"}, status=400)
-        figures = await ledger_figures(
-            redis_client, settings, institution, request.query.get("product")
-        )
-        return web.json({"institution": institution, "ledgers": figures})
 
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:

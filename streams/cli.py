@@ -101,6 +101,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from streams.output import OutputProducer
     from topics import names
+    from topics.records import normalise_id
 
     bootstrap = Settings().require_kafka()
     messages: list[tuple[bytes, bytes | None]] = []
@@ -111,8 +112,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
         key: bytes | None = None
         try:
             obj = orjson.loads(line)
-            if isinstance(obj, dict) and isinstance(obj.get("institution"), str):
-                key = obj["institution"].encode()
+            # keyed as ingest will read it (trimmed, numbers as text): an institution sent as
+            # " H1 " must land in H1's partition, or its void would miss its sale
+            inst = normalise_id(obj.get("institution")) if isinstance(obj, dict) else None
+            if inst is not None:
+                key = inst.encode()
             elif not args.allow_invalid:
                 raise BadInput(
                     f"{args.events} line {number}: not an event object with an institution"

@@ -1,6 +1,7 @@
 """The inspector's view of the 进销存 ledger: per institution and product, expected stock, units
-dispensed without any recorded purchase, the last count. Served by the worker
-(`GET /ledger?institution=...&product=...`) and by `tracewatch ledger INSTITUTION [PRODUCT]`.
+dispensed without any recorded purchase, the last count. Served by
+`tracewatch ledger INSTITUTION [PRODUCT]` (the worker's web server carries no data: it has no
+authentication; data reads belong to the authenticated API).
 
 Reads Redis directly - the stage's own state, never a copy - so it is as fresh as the last batch.
 Without a product it looks up every catalog product of the institution in one pipelined round trip.
@@ -12,9 +13,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from detectors.ledger import LedgerStage, describe
+from detectors.ledger import describe
 from detectors.pipeline import LEDGER_PART
 from detectors.routing import ledger_key
+from streams.codecs import JsonCodec
 from streams.redis_state import read_states
 from streams.reference import CatalogCache
 from streams.settings import Settings
@@ -38,6 +40,6 @@ async def ledger_figures(
         settings.state_buckets,
         names.BY_LEDGER.partitions,
         keys,
-        LedgerStage(),
+        JsonCodec(),
     )
     return [describe(key, states[key]) for key in keys if key in states]

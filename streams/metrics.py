@@ -13,6 +13,11 @@ DEAD_LETTERS = Counter(
     "tracewatch_dead_letters_total", "Input messages sent to the dead-letter topic", ["reason"]
 )
 ALERTS = Counter("tracewatch_alerts_total", "Alerts produced", ["rule"])
+WITHDRAWALS = Counter(
+    "tracewatch_alert_withdrawals_total",
+    "Alerts withdrawn because data that arrived later explains them away",
+    ["rule"],
+)
 VERDICTS = Counter("tracewatch_verdicts_total", "Settlement verdicts produced", ["verdict"])
 RECORDS = Counter(
     "tracewatch_stage_records_total",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 
 class OutputError(RuntimeError):
@@ -33,13 +33,22 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 
 
 class OutputProducer:
+    """A producer that survives its own fatal errors: the idempotent producer's fatal state
+    (e.g. an out-of-order sequence after broker faults) makes every later send fail, so the
+    producer is replaced and the batch redone - its alert ids and record ids make that safe."""
+
     def __init__(self, bootstrap: str, **overrides: Any) -> None:
-        self._producer = Producer(producer_config(bootstrap, **overrides))
+        self._config = producer_config(bootstrap, **overrides)
+        self._producer = Producer(self._config)
         self._errors: list[str] = []
+        self._fatal = False
+        self.recreated = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err.str()}")
+            if err.fatal():
+                self._fatal = True
 
     def produce(
         self,
@@ -58,6 +67,10 @@ class OutputProducer:
             except BufferError:
                 # librdkafka's queue is full: serve delivery reports to make room.
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                if exc.args and exc.args[0].fatal():
+                    self._fatal = True
+                raise OutputError(f"{topic}: {exc}") from None
 
     async def flush(self, timeout: float = 30.0) -> None:
         remaining = await asyncio.get_running_loop().run_in_executor(
@@ -70,7 +83,17 @@ class OutputProducer:
 
     def _verify(self, remaining: int, timeout: float) -> None:
         errors, self._errors = self._errors, []
+        if self._fatal:
+            self._replace()
         if remaining or errors:
             raise OutputError(
                 f"{remaining} messages undelivered after {timeout}s; errors: {errors[:5]}"
             )
+
+    def _replace(self) -> None:
+        """Drop the producer in its fatal state (its queue is lost with it: the batch that
+        owned those messages is redone) and start a new one."""
+        self._fatal = False
+        self._producer.purge()
+        self._producer = Producer(self._config)
+        self.recreated += 1

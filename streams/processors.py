@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -30,7 +31,8 @@ from typing import Any
 import orjson
 
 from detectors.catalog import Catalog
-from detectors.pipeline import event_watermark, expected_parts, partition_of
+from detectors.event_time import DEFAULT_IDLE_SECONDS, LaneClock, TimeFrame, effective_marks
+from detectors.pipeline import expected_parts, partition_of
 from detectors.routing import IngestView, route
 from detectors.stage import (
     Record,
@@ -40,16 +42,20 @@ from detectors.stage import (
     due_lane,
     fire_due,
     lane_of,
-    raise_watermarks,
 )
 from detectors.verdicts import head_record, part_record
 from streams import metrics
 from streams.output import OutputProducer
-from streams.redis_state import IngestStore, PartitionLost, StageStore
+from streams.redis_state import IngestStore, PartitionLost, StageStore, merge_tops
 from topics import names
-from topics.records import Alert, Event, InvalidEvent, parse_event
+from topics.records import Alert, Event, InvalidEvent, join_key, parse_event
 
 log = logging.getLogger("tracewatch.processors")
+
+# A packed record message stays well under the broker's default 1 MB message limit, and a dead
+# letter keeps at most this much of the raw message (with its length and hash).
+MAX_PACKED_BYTES = 512 * 1024
+MAX_DEAD_LETTER_RAW = 8 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,13 +72,37 @@ def _iso_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
 
 
+def dead_letter_record(
+    value: bytes, source: str, partition: int, offset: int, reason: str, detail: str
+) -> dict[str, Any]:
+    """A dead letter that always fits a Kafka message: the raw payload is cut to
+    `MAX_DEAD_LETTER_RAW`, its full length and hash kept, and the source offset to fetch it."""
+    letter: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail[:1000],
+        "topic": source,
+        "partition": partition,
+        "offset": offset,
+        "raw_bytes": len(value),
+        "raw_blake2b": hashlib.blake2b(value, digest_size=16).hexdigest(),
+    }
+    head = value[:MAX_DEAD_LETTER_RAW]
+    if len(head) < len(value):
+        letter["raw_truncated"] = True
+    try:
+        letter["raw"] = head.decode("utf-8")
+    except UnicodeDecodeError:
+        letter["raw_base64"] = base64.b64encode(head).decode()
+    return letter
+
+
 class Emitter:
     """Collects a batch's outputs, packs stage records per destination partition, produces."""
 
     def __init__(self, producer: OutputProducer) -> None:
         self._producer = producer
-        self._packed: dict[tuple[str, int], list[Record]] = defaultdict(list)
-        self._watermarks: dict[str, dict[int, float]] = {}
+        self._packed: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        self._tops: dict[str, bytes] = {}
         self._detected_at: str | None = None  # one clock reading per batch, not per event
 
     def alerts(self, alerts: list[Alert]) -> None:
@@ -83,7 +113,10 @@ class Emitter:
         for alert in alerts:
             alert.detected_at = self._detected_at
             self._producer.produce(names.ALERTS.name, alert.to_json(), alert.alert_id)
-            metrics.ALERTS.labels(alert.rule).inc()
+            if alert.status is None:
+                metrics.ALERTS.labels(alert.rule).inc()
+            else:
+                metrics.WITHDRAWALS.labels(alert.rule).inc()
 
     def verdicts(self, verdicts: list[dict[str, Any]]) -> None:
         for v in verdicts:
@@ -92,28 +125,22 @@ class Emitter:
             metrics.VERDICTS.labels(v["verdict"]).inc()
 
     def record(self, topic: names.TopicSpec, key: str, record: Record) -> None:
-        self._packed[(topic.name, partition_of(key, topic.partitions))].append(record)
+        self._packed[(topic.name, partition_of(key, topic.partitions))].append(orjson.dumps(record))
 
-    def watermarks(self, topic: names.TopicSpec, watermarks: dict[int, float]) -> None:
-        """Send the lanes' watermarks to every partition of `topic`, records or not: a
-        partition that gets no records must still see event time pass, or its parked checks
-        never run."""
-        self._watermarks[topic.name] = watermarks
+    def tops(self, topic: names.TopicSpec, tops: dict[int, tuple[float, float]]) -> None:
+        """Send the lanes' tops to every partition of `topic`, records or not: a partition that
+        gets no records must still see event time pass, or its parked checks never run."""
+        self._tops[topic.name] = orjson.dumps(
+            {
+                str(lane): [a if a > -1e300 else None, b if b > -1e300 else None]
+                for lane, (a, b) in tops.items()
+            }
+        )
         for p in range(topic.partitions):
             self._packed.setdefault((topic.name, p), [])
 
     def dead_letter(self, msg: Message, source: str, reason: str, detail: str) -> None:
-        letter: dict[str, Any] = {
-            "reason": reason,
-            "detail": detail,
-            "topic": source,
-            "partition": msg.partition,
-            "offset": msg.offset,
-        }
-        try:
-            letter["raw"] = msg.value.decode("utf-8")
-        except UnicodeDecodeError:
-            letter["raw_base64"] = base64.b64encode(msg.value).decode()
+        letter = dead_letter_record(msg.value, source, msg.partition, msg.offset, reason, detail)
         self._producer.produce(
             names.DEAD_LETTERS.name, orjson.dumps(letter), f"{source}/{msg.partition}/{msg.offset}"
         )
@@ -121,13 +148,33 @@ class Emitter:
 
     async def flush(self) -> None:
         for (topic, partition), records in self._packed.items():
-            packed = {"w": self._watermarks.get(topic), "r": records}
-            self._producer.produce(
-                topic, orjson.dumps(packed, option=orjson.OPT_NON_STR_KEYS), partition=partition
-            )
+            tops = self._tops.get(topic, b"null")
+            chunk: list[bytes] = []
+            size = 0
+            for raw in records:
+                if chunk and size + len(raw) > MAX_PACKED_BYTES:
+                    self._send(topic, partition, tops, chunk)
+                    chunk, size = [], 0
+                chunk.append(raw)
+                size += len(raw) + 1
+            self._send(topic, partition, tops, chunk)
         self._packed.clear()
-        self._watermarks.clear()
+        self._tops.clear()
         await self._producer.flush()
+
+    def _send(self, topic: str, partition: int, tops: bytes, records: list[bytes]) -> None:
+        value = b'{"w":' + tops + b',"r":[' + b",".join(records) + b"]}"
+        self._producer.produce(topic, value, partition=partition)
+
+
+def _tops_of(packed: Any) -> dict[int, tuple[float, float]]:
+    tops: dict[int, tuple[float, float]] = {}
+    for lane, (first, second) in (packed or {}).items():
+        tops[int(lane)] = (
+            float(first) if first is not None else float("-inf"),
+            float(second) if second is not None else float("-inf"),
+        )
+    return tops
 
 
 class IngestProcessor:
@@ -137,11 +184,10 @@ class IngestProcessor:
         self._producer = producer
         self._store = store
         self._catalog = catalog
-        self._watermarks: dict[int, float] = {}  # per lane, newest event time routed
 
     async def process(self, messages: list[Message]) -> None:
         out = Emitter(self._producer)
-        by_partition: dict[int, list[Event]] = defaultdict(list)
+        by_partition: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
         now = time.time()
         for msg in messages:
             try:
@@ -149,75 +195,106 @@ class IngestProcessor:
             except InvalidEvent as exc:
                 out.dead_letter(msg, names.EVENTS.name, exc.reason, exc.detail)
                 continue
-            by_partition[msg.partition].append(event)
+            by_partition[msg.partition].append((msg, event))
         partitions = list(by_partition)
         phase = _Phases("ingest")
         loaded = await asyncio.gather(
             *(
                 self._store.load(
                     p,
-                    [e.key for e in by_partition[p]],
-                    list(dict.fromkeys(k for e in by_partition[p] for k in IngestView.lookups(e))),
-                    list(dict.fromkeys(e.institution for e in by_partition[p])),
+                    list(dict.fromkeys(e.key for _, e in by_partition[p])),
+                    list(
+                        dict.fromkeys(k for _, e in by_partition[p] for k in IngestView.lookups(e))
+                    ),
+                    list(dict.fromkeys(e.institution for _, e in by_partition[p])),
                 )
                 for p in partitions
             )
         )
         phase("load")
         catalog = self._catalog()
-        saves: list[tuple[int, list[str], IngestView]] = []
-        lanes = self._watermarks
+        saves: list[tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock]] = []
+        all_tops: dict[int, tuple[float, float]] = {}
         accepted: Counter[str] = Counter()
-        advanced = 0.0  # event time the lanes moved by in this batch
+        advanced = 0.0  # event time the institutions moved by in this batch
         lag = metrics.EVENT_LAG
-        for p, (seen_flags, index, receivers) in zip(partitions, loaded, strict=True):
-            view = IngestView(index, receivers)
-            batch_keys: set[str] = set()
-            for event, seen in zip(by_partition[p], seen_flags, strict=True):
-                if seen or event.key in batch_keys:
-                    metrics.RESUBMISSIONS.inc()
+        for p, batch in zip(partitions, loaded, strict=True):
+            view = IngestView(batch.index, batch.receivers)
+            clock = LaneClock()
+            for inst, ts in batch.own.items():
+                clock.observe(inst, lane_of(inst), ts)
+            for lane, named in batch.tops.items():
+                clock.seed(lane, named)
+            digests = dict(
+                zip(dict.fromkeys(e.key for _, e in by_partition[p]), batch.seen, strict=True)
+            )
+            new: dict[str, str] = {}
+            own_moved: dict[str, float] = {}
+            for msg, event in by_partition[p]:
+                first = digests.get(event.key) or new.get(event.key)
+                if first is not None:
+                    if first == event.digest:
+                        metrics.RESUBMISSIONS.inc()
+                    else:
+                        out.dead_letter(
+                            msg,
+                            names.EVENTS.name,
+                            "conflicting_resubmission",
+                            f"event {event.event_id!r} of {event.institution!r} was accepted "
+                            "before with other content; the first stands",
+                        )
                     continue
-                batch_keys.add(event.key)
+                lane = lane_of(event.institution)
+                before: float | None = clock.own.get(event.institution)
+                own = clock.observe(event.institution, lane, event.occurred_ts)
+                try:
+                    self._route(event, catalog, view, out, own)
+                except Exception as exc:  # a deterministic failure: never retried forever
+                    log.exception("event %s/%d failed to route", names.EVENTS.name, msg.offset)
+                    out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(exc))
+                    continue
+                new[event.key] = event.digest
                 accepted[event.type] += 1
                 lag.observe(max(0.0, now - event.occurred_ts))
-                lane = lane_of(event.institution)
-                mark = event_watermark(event.occurred_ts, now)
-                before = lanes.get(lane)
-                if before is None or mark > before:  # lanes never move back
-                    lanes[lane] = mark
+                if own != before:
+                    own_moved[event.institution] = own
                     if before is not None:
-                        advanced += mark - before
-                self._route(event, catalog, view, out)
-            saves.append((p, list(batch_keys), view))
+                        advanced += own - before
+            saves.append((p, new, view, own_moved, clock))
+            for lane, pair in clock.tops().items():
+                merge_tops(all_tops, lane, pair)
         for etype, count in accepted.items():
             metrics.EVENTS_IN.labels(etype).inc(count)
         if advanced:
             metrics.WATERMARK.inc(advanced)
-        if lanes:
-            out.watermarks(names.BY_CODE, dict(lanes))
-            out.watermarks(names.BY_LEDGER, dict(lanes))
+        if all_tops:
+            out.tops(names.BY_CODE, all_tops)
+            out.tops(names.BY_LEDGER, all_tops)
         phase("apply")
         await out.flush()
         phase("flush")
         await asyncio.gather(
-            *(self._store.save(p, keys, view.added, view.new_receivers) for p, keys, view in saves)
+            *(
+                self._store.save(p, new, view.added, view.new_receivers, own, clock.named_tops())
+                for p, new, view, own, clock in saves
+            )
         )
         phase("save")
         _observe_latency("ingest", messages)
 
     @staticmethod
-    def _route(event: Event, catalog: Catalog, view: IngestView, out: Emitter) -> None:
+    def _route(event: Event, catalog: Catalog, view: IngestView, out: Emitter, own: float) -> None:
         unresolved = event.type in ("void", "settlement_cancel")
         if unresolved and IngestView.lookups(event)[0] not in view.index:
             metrics.UNRESOLVED.labels(event.type).inc()
-        routed = route(event, catalog, view)
+        routed = route(event, catalog, view, own)
         out.alerts(routed.alerts)
         for record in routed.ledger:
             out.record(names.BY_LEDGER, record["k"], record)
         for record in routed.codes:
             out.record(names.BY_CODE, record["k"], record)
         if routed.head is not None:
-            vkey = f"{event.institution}|{event.event_id}"
+            vkey = join_key(event.institution, event.event_id)
             expect = expected_parts(
                 routed,
                 lambda k: partition_of(k, names.BY_LEDGER.partitions),
@@ -227,7 +304,7 @@ class IngestProcessor:
 
 
 class StageProcessor:
-    """Runs one stage (ledger, verdict) over packed records, partition by partition."""
+    """Runs one stage (ledger, code, verdict) over packed records, partition by partition."""
 
     def __init__(
         self,
@@ -235,53 +312,93 @@ class StageProcessor:
         store: StageStore,
         producer: OutputProducer,
         part_prefix: str | None = None,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
     ) -> None:
         self.stage = stage
         self.store = store
         self._producer = producer
         self._part_prefix = part_prefix  # stages that feed verdicts name their parts by this
+        self._idle = idle_seconds
+        # per owned partition, the lane tops stored there (this worker is its only writer)
+        self._tops: dict[int, dict[int, tuple[float, float]]] = {}
 
     async def process(self, messages: list[Message]) -> None:
         by_partition: dict[int, list[Record]] = defaultdict(list)
-        offered: dict[int, dict[int, float]] = defaultdict(dict)  # partition -> lane -> time
+        offered: dict[int, dict[int, tuple[float, float]]] = defaultdict(dict)
+        poisoned: list[tuple[Message, Exception]] = []
         for msg in messages:
-            packed = orjson.loads(msg.value)
-            by_partition[msg.partition].extend(packed["r"])
-            lanes = {int(lane): ts for lane, ts in (packed["w"] or {}).items()}
-            raise_watermarks(offered[msg.partition], lanes)
+            try:
+                packed = orjson.loads(msg.value)
+                records = packed["r"]
+                tops_offered = _tops_of(packed["w"])
+            except Exception as error:  # not ours or corrupt: it would fail the same way again
+                poisoned.append((msg, error))
+                continue
+            by_partition[msg.partition].extend(records)
+            for lane, pair in tops_offered.items():
+                merge_tops(offered[msg.partition], lane, pair)
         owned = [p for p in by_partition if p in self.store.generations]
         for p in by_partition.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
             metrics.PARTITIONS_LOST.inc()
+        for p in list(self._tops):
+            if p not in self.store.generations:
+                del self._tops[p]
         phase = _Phases(self.stage.name)
+        frames: dict[int, dict[int, tuple[float, float]]] = {}
+        for p in owned:
+            known = dict(self._tops.get(p, {}))
+            for lane, pair in offered[p].items():
+                merge_tops(known, lane, pair)
+            frames[p] = known
         loaded = await asyncio.gather(
             *(
                 self.store.load(
                     p,
                     list(dict.fromkeys(r["k"] for r in by_partition[p])),
                     [r["id"] for r in by_partition[p]],
-                    offered[p],
+                    effective_marks(frames[p], self._idle),
                 )
                 for p in owned
             )
         )
         phase("load")
         out = Emitter(self._producer)
-        saves: list[tuple[int, dict[str, Any], list[str], dict[int, float], dict[str, int]]] = []
+        for msg, problem in poisoned:
+            out.dead_letter(msg, f"{self.stage.name}-stage", "processing_failed", repr(problem))
+        saves: list[
+            tuple[int, dict[str, Any], list[str], dict[int, tuple[float, float]], dict[str, int]]
+        ] = []
         for p, batch in zip(owned, loaded, strict=True):
             records = by_partition[p]
             result = StageOutput()
             state = batch.state
-            lanes_before = {k: lane for k, s in state.items() if (lane := due_lane(s)) is not None}
+            stored = self._tops.setdefault(p, {})
+            for lane, pair in batch.tops.items():
+                merge_tops(stored, lane, pair)
+            raised: dict[int, tuple[float, float]] = {}
+            for lane, pair in offered[p].items():
+                if merge_tops(stored, lane, pair):
+                    raised[lane] = stored[lane]
+            frame = TimeFrame(effective_marks(stored, self._idle))
+            lanes_before = {k: dl for k, s in state.items() if (dl := due_lane(s)) is not None}
             lanes_before.update(batch.due)  # where the index holds them, stale or not
-            new_ids = apply_records(self.stage, records, state, batch.applied, result)
+            failed: list[tuple[Record, Exception]] = []
+            new_ids = apply_records(
+                self.stage, records, state, batch.applied, result, frame, failed
+            )
+            for record, failure in failed:
+                out.dead_letter(
+                    Message(p, -1, 0.0, orjson.dumps(record)),
+                    f"{self.stage.name}-stage",
+                    "processing_failed",
+                    repr(failure),
+                )
             metrics.RECORDS.labels(self.stage.name).inc(len(new_ids))
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
             new = set(new_ids)
             touched = {r["k"] for r in records if r["id"] in new}
-            watermarks = dict(batch.watermarks)
-            raised = raise_watermarks(watermarks, offered[p])
-            fired = fire_due(self.stage, [*batch.due, *touched], state, watermarks, result)
+            fired = fire_due(self.stage, [*batch.due, *touched], state, frame, result)
             metrics.FIRED.labels(self.stage.name).inc(len(fired))
             if not new_ids and not fired and not raised and not batch.due:
                 continue

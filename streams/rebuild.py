@@ -31,9 +31,11 @@ import redis.asyncio as aioredis
 
 from detectors.catalog import Catalog
 from detectors.pipeline import CODE_PART, LEDGER_PART, MemoryStage, Pipeline, partition_of
+from detectors.stage import lane_of
+from streams.codecs import CodeCodec, JsonCodec
 from streams.redis_state import IngestStore, StageStore, connect
 from topics import names
-from topics.records import InvalidEvent, parse_event
+from topics.records import KEY_SEP, InvalidEvent, parse_event
 
 CHUNK = 2000
 
@@ -84,31 +86,41 @@ async def write_state(
     settings: Any,
     pipeline: Pipeline,
     partition_of_institution: dict[str, int],
-    seen_by_partition: dict[int, list[str]],
+    seen_by_partition: dict[int, dict[str, str]],
 ) -> dict[str, int]:
     counts: dict[str, int] = {}
+    tops = pipeline.clock.tops()
     for tag, memory, topic in (
         (LEDGER_PART, pipeline.ledger, names.BY_LEDGER),
         (CODE_PART, pipeline.codes, names.BY_CODE),
     ):
-        counts[tag] = await _write_stage(client, settings, tag, memory, topic)
+        counts[tag] = await _write_stage(client, settings, tag, memory, topic, tops)
     ingest = IngestStore(client, settings.redis_prefix, settings.seen_ttl_days)
     index_by_partition: dict[int, dict[str, list[Any]]] = defaultdict(dict)
     for key, targets in pipeline.view.index.items():
-        inst = key.split("|", 2)[1]
+        inst = key.split(KEY_SEP, 2)[1]
         index_by_partition[partition_of_institution.get(inst, 0)][key] = targets
     receivers_by_partition: dict[int, list[str]] = defaultdict(list)
     for inst in pipeline.view.receivers:
         receivers_by_partition[partition_of_institution.get(inst, 0)].append(inst)
-    for p in set(seen_by_partition) | set(index_by_partition) | set(receivers_by_partition):
-        seen = seen_by_partition.get(p, [])
+    own_by_partition: dict[int, dict[str, float]] = defaultdict(dict)
+    for inst, ts in pipeline.clock.own.items():
+        own_by_partition[partition_of_institution.get(inst, 0)][inst] = ts
+    named = pipeline.clock.named_tops()
+    partitions = set(seen_by_partition) | set(index_by_partition) | set(receivers_by_partition)
+    for p in partitions:
+        seen = list(seen_by_partition.get(p, {}).items())
         index = list(index_by_partition.get(p, {}).items())
+        lanes = {lane_of(inst) for inst in own_by_partition.get(p, {})}
         for start in range(0, max(len(seen), len(index), 1), CHUNK):
+            first = start == 0
             await ingest.save(
                 p,
-                seen[start : start + CHUNK],
+                dict(seen[start : start + CHUNK]),
                 dict(index[start : start + CHUNK]),
-                receivers_by_partition.get(p, []) if start == 0 else [],
+                receivers_by_partition.get(p, []) if first else [],
+                own_by_partition.get(p, {}) if first else {},
+                {lane: named[lane] for lane in lanes if lane in named} if first else {},
             )
     counts["seen"] = sum(len(v) for v in seen_by_partition.values())
     counts["index"] = len(pipeline.view.index)
@@ -116,7 +128,12 @@ async def write_state(
 
 
 async def _write_stage(
-    client: aioredis.Redis, settings: Any, tag: str, memory: MemoryStage, topic: names.TopicSpec
+    client: aioredis.Redis,
+    settings: Any,
+    tag: str,
+    memory: MemoryStage,
+    topic: names.TopicSpec,
+    tops: dict[int, tuple[float, float]],
 ) -> int:
     store = StageStore(
         client,
@@ -124,7 +141,7 @@ async def _write_stage(
         tag,
         settings.state_buckets,
         settings.applied_ttl_days,
-        codec=memory.stage,
+        codec=CodeCodec() if tag == CODE_PART else JsonCodec(),
     )
     by_partition: dict[int, dict[str, Any]] = defaultdict(dict)
     for key, state in memory.state.items():
@@ -139,10 +156,9 @@ async def _write_stage(
     for p in range(topic.partitions):
         items = list(by_partition.get(p, {}).items())
         ids = ids_by_partition.get(p, [])
-        watermarks = dict(memory.watermarks)
         for start in range(0, max(len(items), len(ids), 1), CHUNK):
             chunk = dict(items[start : start + CHUNK])
-            await store.save(p, chunk, ids[start : start + CHUNK], watermarks)
+            await store.save(p, chunk, ids[start : start + CHUNK], tops if start == 0 else None)
     store.release(range(topic.partitions))
     return sum(len(v) for v in by_partition.values())
 
@@ -189,9 +205,14 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
         )
     print(f"reading {names.EVENTS.name} ...", file=sys.stderr)
     messages, ends = read_input(bootstrap, names.EVENTS)
-    pipeline = Pipeline(catalog, grace_seconds=settings.grace_hours * 3600, track_applied=True)
+    pipeline = Pipeline(
+        catalog,
+        grace_seconds=settings.grace_hours * 3600,
+        idle_seconds=settings.idle_hours * 3600,
+        track_applied=True,
+    )
     partition_of_institution: dict[str, int] = {}
-    seen_by_partition: dict[int, list[str]] = defaultdict(list)
+    seen_by_partition: dict[int, dict[str, str]] = defaultdict(dict)
     for p, value in messages:
         try:
             event = parse_event(value)
@@ -199,7 +220,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
             continue
         partition_of_institution.setdefault(event.institution, p)
         if event.key not in pipeline.seen:
-            seen_by_partition[p].append(event.key)
+            seen_by_partition[p][event.key] = event.digest
         pipeline.process(event)
     print(f"replayed {len(messages)} messages; writing state ...", file=sys.stderr)
 

@@ -6,11 +6,13 @@ Cluster slot):
     {prefix}:{<S><p>}:gen          partition generation (INCR by each new owner)
     {prefix}:{<S><p>}:s:<bucket>   hash: state key (stage's `field`) -> state (stage's `pack`)
     {prefix}:{<S><p>}:ap:<day>     set: record ids applied that day (TTL = applied window)
-    {prefix}:{<S><p>}:wm           hash: watermark lane -> event time (seconds) seen there
+    {prefix}:{<S><p>}:wm           hash: lane -> "first,second" latest own times (event time)
     {prefix}:{<S><p>}:due:<lane>   sorted set: `<bucket>|<field>` by the event time it waits for
-    {prefix}:{E<p>}:seen:<day>     set: `institution|event_id` seen at ingest (TTL = ingest window)
+    {prefix}:{E<p>}:seen:<day>     hash: idempotency key -> content digest, seen at ingest
     {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
     {prefix}:{E<p>}:receivers      set: institutions that record codes on what they receive
+    {prefix}:{E<p>}:own            hash: institution -> own time (latest occurred_at)
+    {prefix}:{E<p>}:tops           hash: lane -> the two latest [own time, institution]
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
 applied + the keys due by the watermark) and `save` (new states + applied ids + watermark + due
@@ -24,21 +26,22 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import hiredis
 import orjson
 import redis.asyncio as aioredis
 
+from detectors.event_time import NEVER
 from detectors.stage import State
 
 _DAY = 86400
 
-# KEYS: applied day sets (n_sets), one bucket hash per field, the watermarks hash.
-# ARGV: n_sets, n_ids, ids..., fields..., n_offered, (lane, watermark) pairs, due limit, base.
-# Returns: applied flags (n_ids), field values (false when absent), the stored watermarks as a
-# flat lane/value list, then (lane, member, value) triples for the keys due in each lane by its
-# watermark (stored or offered, the later): `<base>:due:<lane>` sorted sets.
+# KEYS: applied day sets (n_sets), one bucket hash per field, the lane tops hash.
+# ARGV: n_sets, n_ids, ids..., fields..., n_marks, (lane, effective time) pairs, due limit, base.
+# Returns: applied flags (n_ids), field values (false when absent), the stored lane tops as a
+# flat lane/"first,second" list, then (lane, member, value) triples for the keys due in each
+# lane by the effective time given for it: `<base>:due:<lane>` sorted sets.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
 local n_ids = tonumber(ARGV[2])
@@ -57,18 +60,12 @@ for j = 1, n_fields do
   out[n_ids + j] = redis.call('HGET', KEYS[n_sets + j], ARGV[base + j])
 end
 local a = base + n_fields
-local stored = redis.call('HGETALL', KEYS[#KEYS])
-out[#out + 1] = stored
-local marks = {}
-for i = 1, #stored, 2 do marks[stored[i]] = tonumber(stored[i + 1]) end
-local n_offered = tonumber(ARGV[a + 1])
-for i = 1, n_offered do
-  local lane, w = ARGV[a + 2 * i], tonumber(ARGV[a + 2 * i + 1])
-  if marks[lane] == nil or w > marks[lane] then marks[lane] = w end
-end
-local limit = tonumber(ARGV[a + 2 * n_offered + 2])
-local prefix = ARGV[a + 2 * n_offered + 3]
-for lane, w in pairs(marks) do
+out[#out + 1] = redis.call('HGETALL', KEYS[#KEYS])
+local n_marks = tonumber(ARGV[a + 1])
+local limit = tonumber(ARGV[a + 2 * n_marks + 2])
+local prefix = ARGV[a + 2 * n_marks + 3]
+for i = 1, n_marks do
+  local lane, w = ARGV[a + 2 * i], ARGV[a + 2 * i + 1]
   local due = redis.call('ZRANGEBYSCORE', prefix .. ':due:' .. lane, '-inf', w, 'LIMIT', 0, limit)
   for _, member in ipairs(due) do
     local bucket, field = string.match(member, '^(%d+)|(.*)$')
@@ -80,19 +77,37 @@ end
 return out
 """
 
-# KEYS: gen key, today's applied set, watermarks hash, then one bucket hash per field.
-# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, watermark) pairs, base, then per field
+# Lane tops are "first,second" (own times of the two latest institutions; '' = none); both
+# parts only ever rise.
+_MERGE_TOPS = """
+local function part(text, n)
+  local a, b = string.match(text or '', '^([^,]*),(.*)$')
+  local v = tonumber(n == 1 and a or b)
+  return v or -1e300
+end
+local function merge_tops(hash, lane, offered)
+  local stored = redis.call('HGET', hash, lane)
+  local f = math.max(part(stored, 1), part(offered, 1))
+  local s = math.max(part(stored, 2), part(offered, 2))
+  local text = (f > -1e300 and string.format('%.17g', f) or '') .. ',' ..
+               (s > -1e300 and string.format('%.17g', s) or '')
+  if text ~= stored then redis.call('HSET', hash, lane, text) end
+end
+"""
+
+# KEYS: gen key, today's applied set, lane tops hash, then one bucket hash per field.
+# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, tops) pairs, base, then per field
 # (field, value ('' = delete), due-index member, due ('' = not due), lane, previous lane).
-_SAVE = """
+_SAVE = (
+    _MERGE_TOPS
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
 for i = 1, n_ids do redis.call('SADD', KEYS[2], ARGV[3 + i]) end
 if n_ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 local n_lanes = tonumber(ARGV[4 + n_ids])
 for i = 1, n_lanes do
-  local lane, w = ARGV[3 + n_ids + 2 * i], ARGV[4 + n_ids + 2 * i]
-  local stored = tonumber(redis.call('HGET', KEYS[3], lane))
-  if stored == nil or tonumber(w) > stored then redis.call('HSET', KEYS[3], lane, w) end
+  merge_tops(KEYS[3], ARGV[3 + n_ids + 2 * i], ARGV[4 + n_ids + 2 * i])
 end
 local prefix = ARGV[5 + n_ids + 2 * n_lanes]
 local base = 5 + n_ids + 2 * n_lanes
@@ -107,22 +122,27 @@ for j = 4, #KEYS do
 end
 return 1
 """
+)
 
-# Ingest's view of one input partition. KEYS: seen day sets (n_seen), index day hashes, the
-# receivers set. ARGV: n_seen, n_events, event keys..., n_index, index keys..., institutions...
-# Returns: seen flags, index values (false when absent), receiver flags.
+# Ingest's view of one input partition. KEYS: seen day hashes (n_seen), index day hashes, the
+# receivers set, the own-time hash, the lane tops hash. ARGV: n_seen, n_events, event keys...,
+# n_index, index keys..., institutions...
+# Returns: seen digests (false when unseen), index values (false when absent), receiver flags,
+# own times (false when unknown) per institution, then the lane tops as a flat list.
 _INGEST_LOAD = """
 local n_seen = tonumber(ARGV[1])
 local n_events = tonumber(ARGV[2])
 local n_index = tonumber(ARGV[3 + n_events])
-local ix_first, ix_last = n_seen + 1, #KEYS - 1
+local ix_first, ix_last = n_seen + 1, #KEYS - 3
+local receivers, own, tops = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local out = {}
 for i = 1, n_events do
-  local hit = 0
+  local digest = false
   for k = 1, n_seen do
-    if redis.call('SISMEMBER', KEYS[k], ARGV[2 + i]) == 1 then hit = 1; break end
+    digest = redis.call('HGET', KEYS[k], ARGV[2 + i])
+    if digest then break end
   end
-  out[#out + 1] = hit
+  out[#out + 1] = digest
 end
 for i = 1, n_index do
   local value = false
@@ -133,27 +153,65 @@ for i = 1, n_index do
   out[#out + 1] = value
 end
 for i = 4 + n_events + n_index, #ARGV do
-  out[#out + 1] = redis.call('SISMEMBER', KEYS[#KEYS], ARGV[i])
+  out[#out + 1] = redis.call('SISMEMBER', receivers, ARGV[i])
 end
+for i = 4 + n_events + n_index, #ARGV do
+  out[#out + 1] = redis.call('HGET', own, ARGV[i])
+end
+out[#out + 1] = redis.call('HGETALL', tops)
 return out
 """
 
-# KEYS: today's seen set, today's index hash, receivers set.
-# ARGV: ttl, n_events, event keys..., n_index, (index key, value) pairs..., new receivers...
+# KEYS: today's seen hash, today's index hash, receivers set, own-time hash, lane tops hash.
+# ARGV: ttl, n_events, (event key, digest) pairs, n_index, (index key, value) pairs,
+# n_receivers, receivers..., n_own, (institution, time) pairs, (lane, tops) pairs...
 _INGEST_SAVE = """
 local ttl = ARGV[1]
-local n_events = tonumber(ARGV[2])
-for i = 1, n_events do redis.call('SADD', KEYS[1], ARGV[2 + i]) end
-if n_events > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-local n_index = tonumber(ARGV[3 + n_events])
-local at = 3 + n_events
-for i = 1, n_index do
-  redis.call('HSET', KEYS[2], ARGV[at + 2 * i - 1], ARGV[at + 2 * i])
+local at = 2
+local n = tonumber(ARGV[at])
+for i = 1, n do redis.call('HSET', KEYS[1], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
+if n > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+at = at + 2 * n + 1
+n = tonumber(ARGV[at])
+for i = 1, n do redis.call('HSET', KEYS[2], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
+if n > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+at = at + 2 * n + 1
+n = tonumber(ARGV[at])
+for i = 1, n do redis.call('SADD', KEYS[3], ARGV[at + i]) end
+at = at + n + 1
+n = tonumber(ARGV[at])
+for i = 1, n do
+  local inst, t = ARGV[at + 2 * i - 1], tonumber(ARGV[at + 2 * i])
+  local stored = tonumber(redis.call('HGET', KEYS[4], inst))
+  if stored == nil or t > stored then redis.call('HSET', KEYS[4], inst, ARGV[at + 2 * i]) end
 end
-if n_index > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-for i = at + 2 * n_index + 1, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
+at = at + 2 * n
+for i = at + 1, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+
+
+def tops_text(first: float, second: float) -> str:
+    """Lane tops as stored and sent: `first,second`, '' for none."""
+    return f"{'' if first == NEVER else repr(first)},{'' if second == NEVER else repr(second)}"
+
+
+def parse_tops(text: bytes | str) -> tuple[float, float]:
+    raw = text.decode() if isinstance(text, bytes) else text
+    first, _, second = raw.partition(",")
+    return (float(first) if first else NEVER, float(second) if second else NEVER)
+
+
+def merge_tops(
+    current: dict[int, tuple[float, float]], lane: int, tops: tuple[float, float]
+) -> bool:
+    """Raise a lane's tops part by part; True when anything moved."""
+    old = current.get(lane, (NEVER, NEVER))
+    new = (max(old[0], tops[0]), max(old[1], tops[1]))
+    if new != old:
+        current[lane] = new
+        return True
+    return False
 
 
 class _HiredisPackingConnection(aioredis.Connection):
@@ -182,8 +240,29 @@ def day_number(now: float | None = None) -> int:
     return int((time.time() if now is None else now) // _DAY)
 
 
+class IngestLoaded:
+    """What ingest knows of one input partition for one batch."""
+
+    __slots__ = ("index", "own", "receivers", "seen", "tops")
+
+    def __init__(
+        self,
+        seen: list[str | None],
+        index: dict[str, list[Any]],
+        receivers: set[str],
+        own: dict[str, float],
+        tops: dict[int, list[tuple[float, str]]],
+    ) -> None:
+        self.seen = seen  # content digest of each event already seen, None if new
+        self.index = index
+        self.receivers = receivers
+        self.own = own
+        self.tops = tops
+
+
 class IngestStore:
-    """Ingest's memory per input partition: seen events, the void/cancel index, receivers.
+    """Ingest's memory per input partition: seen events (with a digest of their content), the
+    void/cancel index, receivers, and event time (own time per institution, lane tops).
 
     The input topic is keyed by institution, so everything an institution sent is in one
     partition and so is everything ingest remembers of it.
@@ -203,75 +282,97 @@ class IngestStore:
         today = day_number()
         return [f"{self._base(partition)}:{kind}:{today - d}" for d in range(self._days)]
 
+    def _fixed_keys(self, partition: int) -> list[str]:
+        base = self._base(partition)
+        return [f"{base}:receivers", f"{base}:own", f"{base}:tops"]
+
     async def load(
         self,
         partition: int,
         event_keys: Sequence[str],
         index_keys: Sequence[str],
         institutions: Sequence[str],
-    ) -> tuple[list[bool], dict[str, list[Any]], set[str]]:
-        """Which events were seen, the index entries asked for, which institutions receive."""
+    ) -> IngestLoaded:
         keys = [
             *self._day_keys(partition, "seen"),
             *self._day_keys(partition, "ix"),
-            f"{self._base(partition)}:receivers",
+            *self._fixed_keys(partition),
         ]
         args: list[Any] = [self._days, len(event_keys), *event_keys, len(index_keys)]
         args += [*index_keys, *institutions]
         reply = await self._load(keys=keys, args=args)
-        n, m = len(event_keys), len(index_keys)
-        seen = [bool(flag) for flag in reply[:n]]
+        n, m, k = len(event_keys), len(index_keys), len(institutions)
+        seen = [d.decode() if d is not None else None for d in reply[:n]]
         index = {
             key: orjson.loads(raw)
             for key, raw in zip(index_keys, reply[n : n + m], strict=True)
             if raw is not None
         }
-        receivers = {inst for inst, flag in zip(institutions, reply[n + m :], strict=True) if flag}
-        return seen, index, receivers
+        flags = reply[n + m : n + m + k]
+        receivers = {inst for inst, flag in zip(institutions, flags, strict=True) if flag}
+        own = {
+            inst: float(ts)
+            for inst, ts in zip(institutions, reply[n + m + k : n + m + 2 * k], strict=True)
+            if ts is not None
+        }
+        flat = reply[n + m + 2 * k]
+        tops = {
+            int(lane): [(float(t), inst) for t, inst in orjson.loads(v)]
+            for lane, v in zip(flat[::2], flat[1::2], strict=True)
+        }
+        return IngestLoaded(seen, index, receivers, own, tops)
 
     async def save(
         self,
         partition: int,
-        event_keys: Sequence[str],
+        events: dict[str, str],
         index: dict[str, list[Any]],
         receivers: Iterable[str],
+        own: dict[str, float] | None = None,
+        tops: dict[int, list[tuple[float, str]]] | None = None,
     ) -> None:
+        """`events`: idempotency key -> content digest of the events newly seen; `tops`: per
+        lane the two latest (own time, institution)."""
         keys = [
             self._day_keys(partition, "seen")[0],
             self._day_keys(partition, "ix")[0],
-            f"{self._base(partition)}:receivers",
+            *self._fixed_keys(partition),
         ]
-        args: list[Any] = [self._days * _DAY, len(event_keys), *event_keys, len(index)]
+        args: list[Any] = [self._days * _DAY, len(events)]
+        for key, digest in events.items():
+            args += [key, digest]
+        args.append(len(index))
         for key, value in index.items():
             args += [key, orjson.dumps(value)]
-        args += list(receivers)
+        recv = list(receivers)
+        args += [len(recv), *recv]
+        own = own or {}
+        args.append(len(own))
+        for inst, ts in own.items():
+            args += [inst, repr(ts)]
+        for lane, top in (tops or {}).items():
+            args += [lane, orjson.dumps(top)]
         await self._save(keys=keys, args=args)
 
 
-class Codec(Protocol):
-    """How a stage's state and keys look at rest (`detectors.stage.BaseStage` has defaults)."""
-
-    def pack(self, state: State) -> bytes: ...
-    def unpack(self, raw: bytes) -> State: ...
-    def field(self, key: str) -> bytes: ...
-    def unfield(self, raw: bytes) -> str: ...
+from streams.codecs import Codec  # noqa: E402  (re-exported for callers)
 
 
 class Loaded:
     """One partition's batch state as `StageStore.load` found it."""
 
-    __slots__ = ("applied", "due", "state", "watermarks")
+    __slots__ = ("applied", "due", "state", "tops")
 
     def __init__(
         self,
         state: dict[str, State],
         applied: set[str],
-        watermarks: dict[int, float],
+        tops: dict[int, tuple[float, float]],
         due: dict[str, int],
     ) -> None:
         self.state = state
         self.applied = applied
-        self.watermarks = watermarks
+        self.tops = tops  # the lanes' tops stored for the partition
         self.due = due
 
 
@@ -333,10 +434,10 @@ class StageStore:
         partition: int,
         keys: Sequence[str],
         ids: Sequence[str],
-        offered: dict[int, float] | None = None,
+        marks: dict[int, float] | None = None,
     ) -> Loaded:
-        """States of `keys`, which `ids` are applied, the partition's watermarks, and the keys
-        due in each lane by its watermark (stored or `offered`, the later)."""
+        """States of `keys`, which `ids` are applied, the partition's stored lane tops, and the
+        keys due in each lane by the effective time `marks` gives it."""
         base = self._base(partition)
         applied_keys = self._applied_keys(partition)
         redis_keys = [
@@ -346,7 +447,7 @@ class StageStore:
         ]
         args: list[Any] = [len(applied_keys), len(ids), *ids]
         args += [self._codec.field(k) for k in keys]
-        lanes = offered or {}
+        lanes = {lane: ts for lane, ts in (marks or {}).items() if ts > NEVER}
         args.append(len(lanes))
         for lane, ts in lanes.items():
             args += [lane, repr(ts)]
@@ -361,7 +462,7 @@ class StageStore:
             if raw is not None
         }
         flat = reply[n_ids + n_keys]
-        watermarks = {int(lane): float(ts) for lane, ts in zip(flat[::2], flat[1::2], strict=True)}
+        tops = {int(lane): parse_tops(v) for lane, v in zip(flat[::2], flat[1::2], strict=True)}
         due: dict[str, int] = {}  # key -> the lane's index it was found in
         rest = reply[n_ids + n_keys + 1 :]
         for lane, member, raw in zip(rest[::3], rest[1::3], rest[2::3], strict=True):
@@ -369,17 +470,17 @@ class StageStore:
             due[key] = int(lane)
             if raw is not None and key not in state:
                 state[key] = unpack(raw)
-        return Loaded(state, applied, watermarks, due)
+        return Loaded(state, applied, tops, due)
 
     async def save(
         self,
         partition: int,
         state: dict[str, State],
         ids: Sequence[str],
-        watermarks: dict[int, float] | None = None,
+        tops: dict[int, tuple[float, float]] | None = None,
         previous_lanes: dict[str, int] | None = None,
     ) -> None:
-        """Write states, applied ids and raised watermarks - if this worker still owns the
+        """Write states, applied ids and raised lane tops - if this worker still owns the
         partition. `previous_lanes`: the due lane each key had when loaded, so its entry moves
         when its lane changes."""
         gen = self.generations.get(partition)
@@ -388,10 +489,10 @@ class StageStore:
         base = self._base(partition)
         redis_keys = [f"{base}:gen", self._applied_keys(partition)[0], f"{base}:wm"]
         args: list[Any] = [gen, self._applied_days * _DAY, len(ids), *ids]
-        lanes = watermarks or {}
-        args.append(len(lanes))
-        for lane, ts in lanes.items():
-            args += [lane, repr(ts)]
+        raised = tops or {}
+        args.append(len(raised))
+        for lane, (first, second) in raised.items():
+            args += [lane, tops_text(first, second)]
         args.append(base)
         previous = previous_lanes or {}
         for key, value in state.items():

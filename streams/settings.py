@@ -66,6 +66,11 @@ class Settings:
         default_factory=lambda: os.environ.get("TRACEWATCH_EMBEDDED_BROKER", "") == "1"
     )
     web_port: int = field(default_factory=lambda: _env_int("TRACEWATCH_WEB_PORT", 6066))
+    # The worker's web server carries only /metrics and health; it listens on loopback unless
+    # the operator opens it (e.g. 0.0.0.0 in a container, for Prometheus).
+    web_host: str = field(
+        default_factory=lambda: os.environ.get("TRACEWATCH_WEB_HOST", "127.0.0.1")
+    )
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
     grace_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_GRACE_HOURS", 72.0))
     # A lane (input partition) whose institutions are all silent is taken to be at most this far

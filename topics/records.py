@@ -141,7 +141,9 @@ def _short(value: Any) -> str:
 
 
 def _has_controls(text: str) -> bool:
-    return any(unicodedata.category(ch)[0] == "C" for ch in text) if not text.isprintable() else False
+    return (
+        any(unicodedata.category(ch)[0] == "C" for ch in text) if not text.isprintable() else False
+    )
 
 
 def normalise_id(value: Any) -> str | None:
@@ -151,10 +153,10 @@ def normalise_id(value: Any) -> str | None:
         value = str(value)  # ids sent as numbers are common in HIS exports
     if not isinstance(value, str):
         return None
-    value = value.strip()
-    if not value or len(value) > BOUNDS.id_chars or _has_controls(value):
+    text: str = value.strip()
+    if not text or len(text) > BOUNDS.id_chars or _has_controls(text):
         return None
-    return value
+    return text
 
 
 def _str(obj: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
@@ -188,7 +190,9 @@ def _number(obj: dict[str, Any], name: str, where: str) -> float:
     return float(value)
 
 
-def _choice(obj: dict[str, Any], name: str, where: str, allowed: frozenset[str], default: str | None) -> str | None:
+def _choice(
+    obj: dict[str, Any], name: str, where: str, allowed: frozenset[str], default: str | None
+) -> str | None:
     value = obj.get(name, default)
     if value is None:
         return default
@@ -196,7 +200,7 @@ def _choice(obj: dict[str, Any], name: str, where: str, allowed: frozenset[str],
         raise InvalidEvent(
             "bad_field", f"{where}{name} must be one of {sorted(allowed)}, got {_short(value)}"
         )
-    return value
+    return str(value)
 
 
 def _unit(obj: dict[str, Any], where: str) -> str:

@@ -7,6 +7,7 @@ institutions anything may happen. These orders are what the determinism harness 
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -82,7 +83,7 @@ def arrival_orders(events: list[bytes], count: int, seed: int = 1) -> Iterator[l
                 stream = by_inst[inst]
                 cuts = sorted(rng.sample(range(1, len(stream)), min(3, len(stream) - 1)))
                 bounds = [0, *cuts, len(stream)]
-                chunked.append([stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
+                chunked.append([stream[a:b] for a, b in itertools.pairwise(bounds)])
             yield [raw for chunk in interleave(chunked, rng) for raw in chunk]
 
 

@@ -51,8 +51,7 @@ class Case:
         stamp = _iso(ts)
         self.events.append(
             orjson.dumps(
-                {"event_id": eid, "type": etype, "institution": inst, "occurred_at": stamp}
-                | fields
+                {"event_id": eid, "type": etype, "institution": inst, "occurred_at": stamp} | fields
             )
         )
         return eid
@@ -83,7 +82,9 @@ class Case:
         return self.line("purchase", inst, hour, list(codes), product=product)
 
     def settle(self, inst: str, hour: float, *codes: str, **kw: Any) -> str:
-        return self.line("settlement", inst, hour, list(codes), settlement_id=f"S{self._n + 1}", **kw)
+        return self.line(
+            "settlement", inst, hour, list(codes), settlement_id=f"S{self._n + 1}", **kw
+        )
 
     def tick(self, inst: str, hour: float) -> None:
         """Something that moves the institution's own event time and nothing else."""
@@ -273,10 +274,26 @@ def test_unit_quantity_whole_pack_line_counts_packs() -> None:
     from detectors.pipeline import Pipeline
 
     case = Case()
-    case.line("settlement", "P1", 0, [A2, "81000020000000000003", "81000020000000000004"],
-              product="XA002", quantity=120, unit="unit", settlement_id="SX")
-    case.line("settlement", "P1", 1, ["81000020000000000005", "81000020000000000006"],
-              product="XA002", quantity=120, unit="unit", settlement_id="SY")
+    case.line(
+        "settlement",
+        "P1",
+        0,
+        [A2, "81000020000000000003", "81000020000000000004"],
+        product="XA002",
+        quantity=120,
+        unit="unit",
+        settlement_id="SX",
+    )
+    case.line(
+        "settlement",
+        "P1",
+        1,
+        ["81000020000000000005", "81000020000000000006"],
+        product="XA002",
+        quantity=120,
+        unit="unit",
+        settlement_id="SY",
+    )
     pipeline = Pipeline(CATALOG)
     rules = [a.rule for raw in case.events for a in pipeline.process(parse_event(raw))[0]]
     assert rules.count("CODE_COUNT_MISMATCH") == 1  # 3 codes for 2 packs; 2 for 2 is right

@@ -8,8 +8,8 @@ import pytest
 
 from detectors.catalog import Catalog, product_from_dict
 from detectors.code_state import CodeStage
-from detectors.pipeline import Pipeline
 from detectors.event_time import TimeFrame
+from detectors.pipeline import Pipeline
 from detectors.stage import StageOutput
 from topics.records import event_from_dict
 
