@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test loadtest bench lint typecheck check demo-data clean
+.PHONY: run test loadtest determinism bench lint typecheck check demo-data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 # A generated stream with ground truth through replay and the streaming pipeline, scored.
 loadtest: $(STAMP)
 	$(PY) -m streams.cli loadtest --events $(or $(EVENTS),20000)
+
+# The arrival-order harness at full size: 200 orders of a 20,000-event generated stream.
+determinism: $(STAMP)
+	TRACEWATCH_DETERMINISM_EVENTS=$(or $(EVENTS),20000) TRACEWATCH_DETERMINISM_ORDERS=$(or $(ORDERS),200) \
+		$(PY) -m pytest -q -s tests/detectors/test_arrival_order.py -k generated
 
 # Throughput, latency, state size and memory, measured together; figures go to loadtest/RESULTS.md.
 bench: $(STAMP)

@@ -55,9 +55,15 @@ class LoadtestResult:
         return "\n".join(lines)
 
 
+def standing(alerts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alerts raised and not withdrawn, from the last message of each alert id."""
+    return [a for a in alerts.values() if a.get("status") is None]
+
+
 def replay_file(events_path: str, catalog_path: str) -> list[dict[str, Any]]:
+    """The alerts standing after replaying the file."""
     pipeline = Pipeline(load_catalog(catalog_path))
-    alerts: list[dict[str, Any]] = []
+    alerts: dict[str, dict[str, Any]] = {}
     with open(events_path, "rb") as fh:
         for line in fh:
             try:
@@ -65,8 +71,8 @@ def replay_file(events_path: str, catalog_path: str) -> list[dict[str, Any]]:
             except InvalidEvent:
                 continue
             found, _ = pipeline.process(event)
-            alerts.extend(a.to_dict() for a in found)
-    return alerts
+            alerts.update((a.alert_id, a.to_dict()) for a in found)
+    return standing(alerts)
 
 
 def run_loadtest(
@@ -96,7 +102,9 @@ def run_loadtest(
         replay=score(replayed, truth),
     )
     if stream:
-        result.stream_alerts = stream_file(data, len(replayed), timeout, progress, svc)
+        result.stream_alerts = stream_file(
+            data, {a["alert_id"] for a in replayed}, timeout, progress, svc
+        )
         result.stream = score(result.stream_alerts, truth)
         mine = {a["alert_id"] for a in replayed}
         theirs = {a["alert_id"] for a in result.stream_alerts}
@@ -107,13 +115,13 @@ def run_loadtest(
 
 def stream_file(
     data: dict[str, str],
-    expected: int,
+    expected: set[str],
     timeout: float,
     progress: bool = False,
     given: Services | None = None,
 ) -> list[dict[str, Any]]:
-    """The distinct alerts a worker raises on the file, read until `expected` distinct ones
-    arrived or nothing came for a while after the input was consumed."""
+    """The alerts standing after a worker ran the file, read until the standing ids are
+    `expected` or nothing came for a while after the input was consumed."""
     from streams.cli import follow_topic
     from streams.demo import _wait_for_worker
     from streams.services import free_port, pipeline_env, services, stop_process
@@ -137,17 +145,19 @@ def stream_file(
             )
             alerts: dict[str, dict[str, Any]] = {}
             topic = f"{prefix}-alerts"
-            for value in follow_topic(svc.kafka_bootstrap, topic, True, timeout=timeout, quiet=60):
+            for n, value in enumerate(
+                follow_topic(svc.kafka_bootstrap, topic, True, timeout=timeout, quiet=60), 1
+            ):
                 alert = orjson.loads(value)
                 alerts[alert["alert_id"]] = alert
-                if progress and len(alerts) % 500 == 0:
-                    print(f"stream: {len(alerts)} alerts", file=sys.stderr)
-                if len(alerts) >= expected:
+                if progress and n % 500 == 0:
+                    print(f"stream: {n} alert messages", file=sys.stderr)
+                if n % 20 == 0 and {a["alert_id"] for a in standing(alerts)} == expected:
                     break
             # then everything on the topic, so alerts beyond replay's count are seen too
             for value in follow_topic(svc.kafka_bootstrap, topic, True, timeout=60, quiet=3.0):
                 alert = orjson.loads(value)
                 alerts[alert["alert_id"]] = alert
-            return list(alerts.values())
+            return standing(alerts)
         finally:
             stop_process(worker)
