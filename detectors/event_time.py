@@ -35,20 +35,6 @@ LANES = 16
 Watermarks = Mapping[int, float]
 
 
-def robust_max(values: Iterable[float]) -> float:
-    """The largest value, but at most `CLOCK_SKEW` past the second largest, and nothing until
-    there are two: one clock alone proves nothing. Adding a value or raising one never lowers
-    it, so a store that keeps the largest result it has seen keeps the current one, and the final
-    result depends only on the final values, not on the order they came in."""
-    first = second = NEVER
-    for value in values:
-        if value > first:
-            first, second = value, first
-        elif value > second:
-            second = value
-    return min(first, second + CLOCK_SKEW)
-
-
 Tops = Mapping[int, tuple[float, float]]
 
 

@@ -37,7 +37,6 @@ __all__ = [
     "fire_due",
     "is_due",
     "lane_of",
-    "raise_watermarks",
 ]
 
 
@@ -90,13 +89,6 @@ class BaseStage:
         if entry:
             entry.pop("due", None)
             entry.pop("dl", None)
-
-
-def raise_watermarks(current: dict[int, float], offered: Watermarks) -> dict[int, float]:
-    """Move `current` forward to `offered` lane by lane (never back); returns the lanes moved."""
-    raised = {lane: ts for lane, ts in offered.items() if ts > current.get(lane, float("-inf"))}
-    current.update(raised)
-    return raised
 
 
 def due_of(state: State | None) -> float | None:

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from detectors.catalog import Catalog, product_from_dict
+from detectors.pipeline import Pipeline
 from detectors.stage import lane_of
 from loadtest.generator import Generator
 from tests.detectors.arrival_orders import arrival_orders, replay_standing
@@ -99,8 +100,6 @@ def _iso(ts: int) -> str:
 
 def standing_rules(events: list[bytes]) -> tuple[set[str], list[tuple[str, str, str | None]]]:
     """Standing ids and (rule, institution, code) of the alerts standing, in file order."""
-    from detectors.pipeline import Pipeline
-
     pipeline = Pipeline(CATALOG)
     last: dict[str, Any] = {}
     for raw in events:
@@ -232,8 +231,6 @@ def test_every_alert_names_its_product_and_keeps_the_events_offset() -> None:
     c_voided = Case()
     voided_purchase_rearms_no_provenance(c_voided)
     for events in (case.events, c_voided.events):
-        from detectors.pipeline import Pipeline
-
         pipeline = Pipeline(CATALOG)
         alerts = [a for raw in events for a in pipeline.process(parse_event(raw))[0]]
         assert alerts
@@ -244,8 +241,6 @@ def test_every_alert_names_its_product_and_keeps_the_events_offset() -> None:
 
 def test_the_verdict_is_what_the_data_proves_when_the_settlement_arrives() -> None:
     """A resale alerted and then explained away: the alert is withdrawn, naming the return."""
-    from detectors.pipeline import Pipeline
-
     case = Case()
     nightly_sale_and_return_after_resale(case)
     p1 = [e for e in case.events if b'"P1"' in e]
@@ -271,8 +266,6 @@ def test_split_overflow_needs_a_long_memory() -> None:
 
 
 def test_unit_quantity_whole_pack_line_counts_packs() -> None:
-    from detectors.pipeline import Pipeline
-
     case = Case()
     case.line(
         "settlement",
@@ -300,8 +293,6 @@ def test_unit_quantity_whole_pack_line_counts_packs() -> None:
 
 
 def test_fractional_packs_of_legacy_stock_add_up_exactly() -> None:
-    from detectors.pipeline import Pipeline
-
     case = Case()
     case.send("legacy_stock", "P1", 0, product="BOTTLE", quantity=1, unit="pack")
     case.line("settlement", "P1", 1, [], product="BOTTLE", quantity=0.45, settlement_id="SA")
@@ -312,8 +303,6 @@ def test_fractional_packs_of_legacy_stock_add_up_exactly() -> None:
 
 
 def test_institution_with_surrounding_spaces_is_one_institution() -> None:
-    from detectors.pipeline import Pipeline
-
     case = Case()
     case.buy("P1", 0, A1)
     sale = case.line("sale", " P1 ", 1, [A1])
