@@ -219,8 +219,11 @@ class LedgerStage(BaseStage):
 
     @staticmethod
     def stock(entry: State) -> int:
-        """Expected stock on hand after everything known (the read API's figure)."""
-        return figures(entry)[0]
+        """Expected stock on hand after everything known (on every dispense: no totals)."""
+        stock: int = entry.get("b", 0)
+        for e in entry.get("h", ()):
+            stock = e[UNITS] if e[KIND] == COUNT else stock + e[DELTA]
+        return stock
 
     # -- judging -----------------------------------------------------------------------------------
 
