@@ -31,9 +31,10 @@ from detectors.pipeline import CODE_PART, LEDGER_PART
 from detectors.stage import Stage
 from detectors.verdicts import VerdictStage
 from streams import metrics
+from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
 from streams.output import OutputProducer
-from streams.processors import IngestProcessor, Message, StageProcessor
+from streams.processors import IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
 from streams.reference import CatalogCache
 from streams.settings import Settings
@@ -114,6 +115,13 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]]) -> None:
             delay = min(delay * 2, 10.0)
 
 
+def _refill(bootstrap: str, topic: str) -> Refill:
+    async def read(ranges: dict[int, tuple[int, int]]) -> list[Message]:
+        return [Message(*raw) for raw in await read_range_async(bootstrap, topic, ranges)]
+
+    return read
+
+
 def build_app(settings: Settings) -> faust.App:
     global _fetch_max_wait_ms
     _fetch_max_wait_ms = settings.fetch_max_wait_ms
@@ -150,9 +158,12 @@ def build_app(settings: Settings) -> faust.App:
         producer,
         IngestStore(redis_client, settings.redis_prefix, settings.seen_ttl_days),
         catalog.current,
+        refill=_refill(bootstrap, names.EVENTS.name),
     )
 
-    def processor(stage: Stage, tag: str, part_prefix: str | None = None) -> StageProcessor:
+    def processor(
+        stage: Stage, tag: str, source: names.TopicSpec, part_prefix: str | None = None
+    ) -> StageProcessor:
         store = StageStore(
             redis_client,
             settings.redis_prefix,
@@ -161,13 +172,20 @@ def build_app(settings: Settings) -> faust.App:
             settings.applied_ttl_days,
             codec=CodeCodec() if isinstance(stage, CodeStage) else JsonCodec(),
         )
-        return StageProcessor(stage, store, producer, part_prefix=part_prefix, idle_seconds=idle)
+        return StageProcessor(
+            stage,
+            store,
+            producer,
+            part_prefix=part_prefix,
+            idle_seconds=idle,
+            refill=_refill(bootstrap, source.name),
+        )
 
     grace = settings.grace_hours * 3600
     idle = settings.idle_hours * 3600
-    ledger = processor(LedgerStage(grace), LEDGER_PART, part_prefix=LEDGER_PART)
-    codes = processor(CodeStage(grace), CODE_PART, part_prefix=CODE_PART)
-    verdicts = processor(VerdictStage(), "V")
+    ledger = processor(LedgerStage(grace), LEDGER_PART, names.BY_LEDGER, part_prefix=LEDGER_PART)
+    codes = processor(CodeStage(grace), CODE_PART, names.BY_CODE, part_prefix=CODE_PART)
+    verdicts = processor(VerdictStage(), "V", names.VERDICT_PARTS)
     stage_topics = {
         names.BY_LEDGER.name: ledger,
         names.BY_CODE.name: codes,

@@ -32,6 +32,12 @@ REDELIVERED = Counter(
 PARTITIONS_LOST = Counter(
     "tracewatch_partition_lost_total", "Batches dropped because another worker owns the partition"
 )
+STATE_GAPS = Counter(
+    "tracewatch_state_gaps_total",
+    "Batches that found their partition's saved position behind them (Redis lost writes) and "
+    "read the gap back from Kafka",
+    ["stage"],
+)
 BATCH_RETRIES = Counter(
     "tracewatch_batch_retries_total", "Batches retried after a Redis or Kafka error", ["stage"]
 )

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +167,53 @@ class Emitter:
         self._producer.produce(topic, value, partition=partition)
 
 
+Refill = Callable[[dict[int, tuple[int, int]]], Awaitable[list[Message]]]
+
+
+def _spans(messages: list[Message]) -> dict[int, tuple[int, int]]:
+    """First and last offset of the batch in each partition."""
+    spans: dict[int, tuple[int, int]] = {}
+    for msg in messages:
+        span = spans.get(msg.partition)
+        if span is None:
+            spans[msg.partition] = (msg.offset, msg.offset)
+        else:
+            spans[msg.partition] = (min(span[0], msg.offset), max(span[1], msg.offset))
+    return spans
+
+
+async def _with_gaps_refilled(
+    stage: str,
+    refill: Refill | None,
+    spans: dict[int, tuple[int, int]],
+    positions: dict[int, int | None],
+    messages: list[Message],
+) -> list[Message] | None:
+    """The batch with the messages between each partition's saved position and the batch's
+    first offset read back in front - or None when nothing is missing. A gap means Redis lost
+    writes whose offsets Kafka had already committed (state and position are saved together)."""
+    gaps = {
+        p: (pos, spans[p][0])
+        for p, pos in positions.items()
+        if pos is not None and pos < spans[p][0]
+    }
+    if not gaps or refill is None:
+        return None
+    for p, (pos, first) in gaps.items():
+        log.warning(
+            "%s partition %d: state saved up to offset %d but the batch starts at %d - Redis "
+            "lost writes; reading the %d messages between back from Kafka",
+            stage,
+            p,
+            pos,
+            first,
+            first - pos,
+        )
+    metrics.STATE_GAPS.labels(stage).inc(len(gaps))
+    missing = await refill(gaps)
+    return [*missing, *messages]
+
+
 def _tops_of(packed: Any) -> dict[int, tuple[float, float]]:
     tops: dict[int, tuple[float, float]] = {}
     for lane, (first, second) in (packed or {}).items():
@@ -179,24 +226,30 @@ def _tops_of(packed: Any) -> dict[int, tuple[float, float]]:
 
 class IngestProcessor:
     def __init__(
-        self, producer: OutputProducer, store: IngestStore, catalog: Callable[[], Catalog]
+        self,
+        producer: OutputProducer,
+        store: IngestStore,
+        catalog: Callable[[], Catalog],
+        refill: Refill | None = None,
     ) -> None:
         self._producer = producer
         self._store = store
         self._catalog = catalog
+        self._refill = refill  # reads input offsets back when Redis lost a batch's writes
 
-    async def process(self, messages: list[Message]) -> None:
-        out = Emitter(self._producer)
+    async def process(self, messages: list[Message], refilled: bool = False) -> None:
         by_partition: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
+        invalid: list[tuple[Message, InvalidEvent]] = []
         now = time.time()
         for msg in messages:
             try:
                 event = parse_event(msg.value)
             except InvalidEvent as exc:
-                out.dead_letter(msg, names.EVENTS.name, exc.reason, exc.detail)
+                invalid.append((msg, exc))
                 continue
             by_partition[msg.partition].append((msg, event))
-        partitions = list(by_partition)
+        spans = _spans(messages)
+        partitions = list(spans)
         phase = _Phases("ingest")
         loaded = await asyncio.gather(
             *(
@@ -212,8 +265,16 @@ class IngestProcessor:
             )
         )
         phase("load")
+        if not refilled:
+            positions = {p: batch.position for p, batch in zip(partitions, loaded, strict=True)}
+            whole = await _with_gaps_refilled("ingest", self._refill, spans, positions, messages)
+            if whole is not None:
+                return await self.process(whole, refilled=True)
+        out = Emitter(self._producer)
+        for msg, refused in invalid:
+            out.dead_letter(msg, names.EVENTS.name, refused.reason, refused.detail)
         catalog = self._catalog()
-        saves: list[tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock]] = []
+        saves: list[tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock, int]] = []
         all_tops: dict[int, tuple[float, float]] = {}
         accepted: Counter[str] = Counter()
         advanced = 0.0  # event time the institutions moved by in this batch
@@ -260,7 +321,7 @@ class IngestProcessor:
                     own_moved[event.institution] = own
                     if before is not None:
                         advanced += own - before
-            saves.append((p, new, view, own_moved, clock))
+            saves.append((p, new, view, own_moved, clock, spans[p][1] + 1))
             for lane, pair in clock.tops().items():
                 merge_tops(all_tops, lane, pair)
         for etype, count in accepted.items():
@@ -275,8 +336,10 @@ class IngestProcessor:
         phase("flush")
         await asyncio.gather(
             *(
-                self._store.save(p, new, view.added, view.new_receivers, own, clock.named_tops())
-                for p, new, view, own, clock in saves
+                self._store.save(
+                    p, new, view.added, view.new_receivers, own, clock.named_tops(), position
+                )
+                for p, new, view, own, clock, position in saves
             )
         )
         phase("save")
@@ -313,16 +376,18 @@ class StageProcessor:
         producer: OutputProducer,
         part_prefix: str | None = None,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        refill: Refill | None = None,
     ) -> None:
         self.stage = stage
         self.store = store
         self._producer = producer
         self._part_prefix = part_prefix  # stages that feed verdicts name their parts by this
         self._idle = idle_seconds
+        self._refill = refill  # reads input offsets back when Redis lost a batch's writes
         # per owned partition, the lane tops stored there (this worker is its only writer)
         self._tops: dict[int, dict[int, tuple[float, float]]] = {}
 
-    async def process(self, messages: list[Message]) -> None:
+    async def process(self, messages: list[Message], refilled: bool = False) -> None:
         by_partition: dict[int, list[Record]] = defaultdict(list)
         offered: dict[int, dict[int, tuple[float, float]]] = defaultdict(dict)
         poisoned: list[tuple[Message, Exception]] = []
@@ -337,8 +402,9 @@ class StageProcessor:
             by_partition[msg.partition].extend(records)
             for lane, pair in tops_offered.items():
                 merge_tops(offered[msg.partition], lane, pair)
-        owned = [p for p in by_partition if p in self.store.generations]
-        for p in by_partition.keys() - set(owned):
+        spans = _spans(messages)
+        owned = [p for p in spans if p in self.store.generations]
+        for p in spans.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
             metrics.PARTITIONS_LOST.inc()
         for p in list(self._tops):
@@ -363,11 +429,20 @@ class StageProcessor:
             )
         )
         phase("load")
+        if not refilled:
+            positions = {p: batch.position for p, batch in zip(owned, loaded, strict=True)}
+            whole = await _with_gaps_refilled(
+                self.stage.name, self._refill, spans, positions, messages
+            )
+            if whole is not None:
+                return await self.process(whole, refilled=True)
         out = Emitter(self._producer)
         for msg, problem in poisoned:
             out.dead_letter(msg, f"{self.stage.name}-stage", "processing_failed", repr(problem))
         saves: list[
-            tuple[int, dict[str, Any], list[str], dict[int, tuple[float, float]], dict[str, int]]
+            tuple[
+                int, dict[str, Any], list[str], dict[int, tuple[float, float]], dict[str, int], int
+            ]
         ] = []
         for p, batch in zip(owned, loaded, strict=True):
             records = by_partition[p]
@@ -400,7 +475,9 @@ class StageProcessor:
             touched = {r["k"] for r in records if r["id"] in new}
             fired = fire_due(self.stage, [*batch.due, *touched], state, frame, result)
             metrics.FIRED.labels(self.stage.name).inc(len(fired))
+            position = spans[p][1] + 1
             if not new_ids and not fired and not raised and not batch.due:
+                saves.append((p, {}, [], {}, {}, position))  # the position moves all the same
                 continue
             out.alerts(result.alerts)
             out.verdicts(result.verdicts)
@@ -411,12 +488,17 @@ class StageProcessor:
             # due keys that were not fired are saved too: their index entry is rewritten from
             # their state (a receipt may have cleared the check, a void removed the state)
             keys = touched.union(fired, batch.due)
-            saves.append((p, {k: state.get(k, {}) for k in keys}, new_ids, raised, lanes_before))
+            saves.append(
+                (p, {k: state.get(k, {}) for k in keys}, new_ids, raised, lanes_before, position)
+            )
         phase("apply")
         await out.flush()
         phase("flush")
         results = await asyncio.gather(
-            *(self.store.save(p, s, ids, w, lanes) for p, s, ids, w, lanes in saves),
+            *(
+                self.store.save(p, s, ids, w, lanes, position)
+                for p, s, ids, w, lanes, position in saves
+            ),
             return_exceptions=True,
         )
         phase("save")

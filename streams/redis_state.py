@@ -8,17 +8,24 @@ Cluster slot):
     {prefix}:{<S><p>}:ap:<day>     set: record ids applied that day (TTL = applied window)
     {prefix}:{<S><p>}:wm           hash: lane -> "first,second" latest own times (event time)
     {prefix}:{<S><p>}:due:<lane>   sorted set: `<bucket>|<field>` by the event time it waits for
+    {prefix}:{<S><p>}:pos          the offset after the last message whose effects are saved
     {prefix}:{E<p>}:seen:<day>     hash: idempotency key -> content digest, seen at ingest
     {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
     {prefix}:{E<p>}:receivers      set: institutions that record codes on what they receive
     {prefix}:{E<p>}:own            hash: institution -> own time (latest occurred_at)
     {prefix}:{E<p>}:tops           hash: lane -> the two latest [own time, institution]
+    {prefix}:{E<p>}:pos            the offset after the last input message whose effects are saved
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
 applied + the keys due by the watermark) and `save` (new states + applied ids + watermark + due
 index, in one Lua script that first checks the writer still holds the partition's generation - a
 worker that lost the partition in a rebalance gets `PartitionLost` and writes nothing). The load
 script reads the due keys' buckets by name (same hash tag, so the same Cluster slot).
+
+State and position move together: every save also raises the partition's `pos` in the same
+script, so a Redis that loses its last writes (`appendfsync everysec` loses up to a second) loses
+the position with the state. A batch that starts past `pos` finds the gap, and the processor
+reads the missing messages back from Kafka before it goes on (`streams.processors`).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ _DAY = 86400
 # KEYS: applied day sets (n_sets), one bucket hash per field, the lane tops hash.
 # ARGV: n_sets, n_ids, ids..., fields..., n_marks, (lane, effective time) pairs, due limit, base.
 # Returns: applied flags (n_ids), field values (false when absent), the stored lane tops as a
-# flat lane/"first,second" list, then (lane, member, value) triples for the keys due in each
+# flat lane/"first,second" list, the saved position (false when none), then (lane, member, value) triples for the keys due in each
 # lane by the effective time given for it: `<base>:due:<lane>` sorted sets.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
@@ -64,6 +71,7 @@ out[#out + 1] = redis.call('HGETALL', KEYS[#KEYS])
 local n_marks = tonumber(ARGV[a + 1])
 local limit = tonumber(ARGV[a + 2 * n_marks + 2])
 local prefix = ARGV[a + 2 * n_marks + 3]
+out[#out + 1] = redis.call('GET', prefix .. ':pos')
 for i = 1, n_marks do
   local lane, w = ARGV[a + 2 * i], ARGV[a + 2 * i + 1]
   local due = redis.call('ZRANGEBYSCORE', prefix .. ':due:' .. lane, '-inf', w, 'LIMIT', 0, limit)
@@ -95,11 +103,22 @@ local function merge_tops(hash, lane, offered)
 end
 """
 
+# A partition's position only rises (a new owner redoing committed batches does not lower it).
+_RAISE_POSITION = """
+local function raise_position(key, pos)
+  if pos == '' then return end
+  local stored = tonumber(redis.call('GET', key))
+  if stored == nil or tonumber(pos) > stored then redis.call('SET', key, pos) end
+end
+"""
+
 # KEYS: gen key, today's applied set, lane tops hash, then one bucket hash per field.
-# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, tops) pairs, base, then per field
-# (field, value ('' = delete), due-index member, due ('' = not due), lane, previous lane).
+# ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, tops) pairs, base, position ('' = keep),
+# then per field (field, value ('' = delete), due-index member, due ('' = not due), lane,
+# previous lane).
 _SAVE = (
     _MERGE_TOPS
+    + _RAISE_POSITION
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
@@ -110,7 +129,8 @@ for i = 1, n_lanes do
   merge_tops(KEYS[3], ARGV[3 + n_ids + 2 * i], ARGV[4 + n_ids + 2 * i])
 end
 local prefix = ARGV[5 + n_ids + 2 * n_lanes]
-local base = 5 + n_ids + 2 * n_lanes
+raise_position(prefix .. ':pos', ARGV[6 + n_ids + 2 * n_lanes])
+local base = 6 + n_ids + 2 * n_lanes
 for j = 4, #KEYS do
   local at = base + 6 * (j - 4)
   local f, v, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
@@ -125,16 +145,16 @@ return 1
 )
 
 # Ingest's view of one input partition. KEYS: seen day hashes (n_seen), index day hashes, the
-# receivers set, the own-time hash, the lane tops hash. ARGV: n_seen, n_events, event keys...,
-# n_index, index keys..., institutions...
+# receivers set, the own-time hash, the lane tops hash, the position. ARGV: n_seen, n_events,
+# event keys..., n_index, index keys..., institutions...
 # Returns: seen digests (false when unseen), index values (false when absent), receiver flags,
-# own times (false when unknown) per institution, then the lane tops as a flat list.
+# own times (false when unknown) per institution, the lane tops as a flat list, the position.
 _INGEST_LOAD = """
 local n_seen = tonumber(ARGV[1])
 local n_events = tonumber(ARGV[2])
 local n_index = tonumber(ARGV[3 + n_events])
-local ix_first, ix_last = n_seen + 1, #KEYS - 3
-local receivers, own, tops = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+local ix_first, ix_last = n_seen + 1, #KEYS - 4
+local receivers, own, tops = KEYS[#KEYS - 3], KEYS[#KEYS - 2], KEYS[#KEYS - 1]
 local out = {}
 for i = 1, n_events do
   local digest = false
@@ -159,15 +179,20 @@ for i = 4 + n_events + n_index, #ARGV do
   out[#out + 1] = redis.call('HGET', own, ARGV[i])
 end
 out[#out + 1] = redis.call('HGETALL', tops)
+out[#out + 1] = redis.call('GET', KEYS[#KEYS])
 return out
 """
 
-# KEYS: today's seen hash, today's index hash, receivers set, own-time hash, lane tops hash.
-# ARGV: ttl, n_events, (event key, digest) pairs, n_index, (index key, value) pairs,
-# n_receivers, receivers..., n_own, (institution, time) pairs, (lane, tops) pairs...
-_INGEST_SAVE = """
+# KEYS: today's seen hash, today's index hash, receivers set, own-time hash, lane tops hash,
+# position. ARGV: ttl, position ('' = keep), n_events, (event key, digest) pairs, n_index,
+# (index key, value) pairs, n_receivers, receivers..., n_own, (institution, time) pairs,
+# (lane, tops) pairs...
+_INGEST_SAVE = (
+    _RAISE_POSITION
+    + """
 local ttl = ARGV[1]
-local at = 2
+raise_position(KEYS[6], ARGV[2])
+local at = 3
 local n = tonumber(ARGV[at])
 for i = 1, n do redis.call('HSET', KEYS[1], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
 if n > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
@@ -189,6 +214,7 @@ at = at + 2 * n
 for i = at + 1, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+)
 
 
 def tops_text(first: float, second: float) -> str:
@@ -243,7 +269,7 @@ def day_number(now: float | None = None) -> int:
 class IngestLoaded:
     """What ingest knows of one input partition for one batch."""
 
-    __slots__ = ("index", "own", "receivers", "seen", "tops")
+    __slots__ = ("index", "own", "position", "receivers", "seen", "tops")
 
     def __init__(
         self,
@@ -252,12 +278,14 @@ class IngestLoaded:
         receivers: set[str],
         own: dict[str, float],
         tops: dict[int, list[tuple[float, str]]],
+        position: int | None = None,
     ) -> None:
         self.seen = seen  # content digest of each event already seen, None if new
         self.index = index
         self.receivers = receivers
         self.own = own
         self.tops = tops
+        self.position = position  # offset after the last input message whose effects are saved
 
 
 class IngestStore:
@@ -284,7 +312,7 @@ class IngestStore:
 
     def _fixed_keys(self, partition: int) -> list[str]:
         base = self._base(partition)
-        return [f"{base}:receivers", f"{base}:own", f"{base}:tops"]
+        return [f"{base}:receivers", f"{base}:own", f"{base}:tops", f"{base}:pos"]
 
     async def load(
         self,
@@ -320,7 +348,10 @@ class IngestStore:
             int(lane): [(float(t), inst) for t, inst in orjson.loads(v)]
             for lane, v in zip(flat[::2], flat[1::2], strict=True)
         }
-        return IngestLoaded(seen, index, receivers, own, tops)
+        position = reply[n + m + 2 * k + 1]
+        return IngestLoaded(
+            seen, index, receivers, own, tops, None if position is None else int(position)
+        )
 
     async def save(
         self,
@@ -330,15 +361,17 @@ class IngestStore:
         receivers: Iterable[str],
         own: dict[str, float] | None = None,
         tops: dict[int, list[tuple[float, str]]] | None = None,
+        position: int | None = None,
     ) -> None:
         """`events`: idempotency key -> content digest of the events newly seen; `tops`: per
-        lane the two latest (own time, institution)."""
+        lane the two latest (own time, institution); `position`: the offset after the batch's
+        last message."""
         keys = [
             self._day_keys(partition, "seen")[0],
             self._day_keys(partition, "ix")[0],
             *self._fixed_keys(partition),
         ]
-        args: list[Any] = [self._days * _DAY, len(events)]
+        args: list[Any] = [self._days * _DAY, "" if position is None else position, len(events)]
         for key, digest in events.items():
             args += [key, digest]
         args.append(len(index))
@@ -361,7 +394,7 @@ from streams.codecs import Codec  # noqa: E402  (re-exported for callers)
 class Loaded:
     """One partition's batch state as `StageStore.load` found it."""
 
-    __slots__ = ("applied", "due", "state", "tops")
+    __slots__ = ("applied", "due", "position", "state", "tops")
 
     def __init__(
         self,
@@ -369,11 +402,13 @@ class Loaded:
         applied: set[str],
         tops: dict[int, tuple[float, float]],
         due: dict[str, int],
+        position: int | None = None,
     ) -> None:
         self.state = state
         self.applied = applied
         self.tops = tops  # the lanes' tops stored for the partition
         self.due = due
+        self.position = position  # offset after the last message whose effects are saved
 
 
 class StageStore:
@@ -463,14 +498,15 @@ class StageStore:
         }
         flat = reply[n_ids + n_keys]
         tops = {int(lane): parse_tops(v) for lane, v in zip(flat[::2], flat[1::2], strict=True)}
+        position = reply[n_ids + n_keys + 1]
         due: dict[str, int] = {}  # key -> the lane's index it was found in
-        rest = reply[n_ids + n_keys + 1 :]
+        rest = reply[n_ids + n_keys + 2 :]
         for lane, member, raw in zip(rest[::3], rest[1::3], rest[2::3], strict=True):
             key = self._codec.unfield(member.split(b"|", 1)[1])
             due[key] = int(lane)
             if raw is not None and key not in state:
                 state[key] = unpack(raw)
-        return Loaded(state, applied, tops, due)
+        return Loaded(state, applied, tops, due, None if position is None else int(position))
 
     async def save(
         self,
@@ -479,10 +515,11 @@ class StageStore:
         ids: Sequence[str],
         tops: dict[int, tuple[float, float]] | None = None,
         previous_lanes: dict[str, int] | None = None,
+        position: int | None = None,
     ) -> None:
-        """Write states, applied ids and raised lane tops - if this worker still owns the
-        partition. `previous_lanes`: the due lane each key had when loaded, so its entry moves
-        when its lane changes."""
+        """Write states, applied ids, raised lane tops and the position (the offset after the
+        batch's last message) - if this worker still owns the partition. `previous_lanes`: the
+        due lane each key had when loaded, so its entry moves when its lane changes."""
         gen = self.generations.get(partition)
         if gen is None:
             raise PartitionLost(f"{self.tag}{partition} is not owned by this worker")
@@ -493,7 +530,7 @@ class StageStore:
         args.append(len(raised))
         for lane, (first, second) in raised.items():
             args += [lane, tops_text(first, second)]
-        args.append(base)
+        args += [base, "" if position is None else position]
         previous = previous_lanes or {}
         for key, value in state.items():
             bucket = self._bucket_no(key)
