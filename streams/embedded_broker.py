@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 import confluent_kafka
@@ -68,6 +68,15 @@ def _librdkafka() -> ctypes.CDLL:
     ]
     lib.rd_kafka_mock_set_controller_id.restype = ctypes.c_int
     lib.rd_kafka_mock_set_controller_id.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_broker_set_down.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_broker_set_up.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_broker_set_rtt.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
+    lib.rd_kafka_mock_push_request_errors_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int16,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_int),
+    ]
     lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
     lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
     return lib
@@ -98,6 +107,40 @@ class MockCluster:
         err = self._lib.rd_kafka_mock_topic_create(self._mc, name.encode(), partitions, 1)
         if err:
             raise RuntimeError(f"creating topic {name} on the embedded broker: error {err}")
+
+    # -- fault injection (librdkafka's mock API), for the chaos suite ---------------------------
+
+    def broker_down(self, broker: int = 1) -> None:
+        """Close the broker's connections and refuse new ones until `broker_up`."""
+        self._lib.rd_kafka_mock_broker_set_down(self._mc, broker)
+
+    def broker_up(self, broker: int = 1) -> None:
+        self._lib.rd_kafka_mock_broker_set_up(self._mc, broker)
+
+    def set_rtt(self, milliseconds: int, broker: int = 1) -> None:
+        """Delay every answer of the broker by `milliseconds`."""
+        self._lib.rd_kafka_mock_broker_set_rtt(self._mc, broker, milliseconds)
+
+    def push_errors(self, api_key: int, errors: Sequence[int]) -> None:
+        """Answer the next `len(errors)` requests of `api_key` (0 Produce, 1 Fetch, 8
+        OffsetCommit, 11 JoinGroup, ...) with these error codes, one each, from any client."""
+        array = (ctypes.c_int * len(errors))(*errors)
+        self._lib.rd_kafka_mock_push_request_errors_array(self._mc, api_key, len(errors), array)
+
+    def command(self, words: Sequence[str]) -> None:
+        """One line of the host protocol's fault commands: DOWN, UP, RTT <ms>, ERRORS <api>
+        <code>..."""
+        verb, args = words[0], [int(w) for w in words[1:]]
+        if verb == "DOWN":
+            self.broker_down(*args)
+        elif verb == "UP":
+            self.broker_up(*args)
+        elif verb == "RTT":
+            self.set_rtt(*args)
+        elif verb == "ERRORS" and len(args) >= 2:
+            self.push_errors(args[0], args[1:])
+        else:
+            raise RuntimeError(f"unknown command {' '.join(words)!r}")
 
     def close(self) -> None:
         if self._mc:
@@ -138,6 +181,16 @@ class EmbeddedBroker:
         answer = self._proc.stdout.readline().strip()
         if answer != "OK":
             raise RuntimeError(f"embedded broker could not create topics for {prefix}: {answer}")
+
+    def fault(self, *words: str | int) -> None:
+        """Inject a fault into the running broker: `fault("DOWN")`, `fault("UP")`,
+        `fault("RTT", 500)`, `fault("ERRORS", 0, 45)` (see `MockCluster.command`)."""
+        assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        self._proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline().strip()
+        if answer != "OK":
+            raise RuntimeError(f"embedded broker refused {words}: {answer}")
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -183,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                         cluster.create_topic(spec.name, spec.partitions)
                     print("OK", flush=True)
                 except RuntimeError as exc:
+                    print(f"ERROR {exc}", flush=True)
+            elif words:
+                try:
+                    cluster.command(words)
+                    print("OK", flush=True)
+                except (RuntimeError, ValueError, TypeError) as exc:
                     print(f"ERROR {exc}", flush=True)
         stop.set()
 

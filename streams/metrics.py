@@ -38,6 +38,10 @@ STATE_GAPS = Counter(
     "read the gap back from Kafka",
     ["stage"],
 )
+PRODUCERS_REPLACED = Counter(
+    "tracewatch_producers_replaced_total",
+    "Output producers replaced after a fatal error (the idempotent producer's fatal state)",
+)
 BATCH_RETRIES = Counter(
     "tracewatch_batch_retries_total", "Batches retried after a Redis or Kafka error", ["stage"]
 )

@@ -9,9 +9,14 @@ the pipeline at-least-once.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, NoReturn
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from streams import metrics
+
+log = logging.getLogger("tracewatch.output")
 
 
 class OutputError(RuntimeError):
@@ -38,11 +43,18 @@ class OutputProducer:
     producer is replaced and the batch redone - its alert ids and record ids make that safe."""
 
     def __init__(self, bootstrap: str, **overrides: Any) -> None:
-        self._config = producer_config(bootstrap, **overrides)
+        # With no error callback, librdkafka's fatal error is raised out of whichever call
+        # serves events next (flush, poll): the callback turns it into state we act on.
+        self._config = {"error_cb": self._on_error, **producer_config(bootstrap, **overrides)}
         self._producer = Producer(self._config)
         self._errors: list[str] = []
         self._fatal = False
         self.recreated = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = True
+            self._errors.append(f"fatal: {err.str()}")
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -68,18 +80,34 @@ class OutputProducer:
                 # librdkafka's queue is full: serve delivery reports to make room.
                 self._producer.poll(0.05)
             except KafkaException as exc:
-                if exc.args and exc.args[0].fatal():
-                    self._fatal = True
+                self._errors.clear()
+                if self._fatal or (exc.args and exc.args[0].fatal()):
+                    self._replace()  # the next attempt of the batch gets a working producer
                 raise OutputError(f"{topic}: {exc}") from None
 
     async def flush(self, timeout: float = 30.0) -> None:
-        remaining = await asyncio.get_running_loop().run_in_executor(
-            None, self._producer.flush, timeout
-        )
+        try:
+            remaining = await asyncio.get_running_loop().run_in_executor(
+                None, self._producer.flush, timeout
+            )
+        except Exception as exc:
+            self._failed_flush(exc)
         self._verify(remaining, timeout)
 
     def flush_sync(self, timeout: float = 30.0) -> None:
-        self._verify(self._producer.flush(timeout), timeout)
+        try:
+            remaining = self._producer.flush(timeout)
+        except Exception as exc:
+            self._failed_flush(exc)
+        self._verify(remaining, timeout)
+
+    def _failed_flush(self, exc: Exception) -> NoReturn:
+        """librdkafka raises its fatal error out of the callbacks flush serves (as a
+        KafkaException, or a SystemError around one): the producer is not to be trusted
+        afterwards, whatever the error was, so it is replaced and the batch redone."""
+        self._errors.clear()
+        self._replace()
+        raise OutputError(f"flush failed: {exc!r}") from None
 
     def _verify(self, remaining: int, timeout: float) -> None:
         errors, self._errors = self._errors, []
@@ -94,6 +122,11 @@ class OutputProducer:
         """Drop the producer in its fatal state (its queue is lost with it: the batch that
         owned those messages is redone) and start a new one."""
         self._fatal = False
-        self._producer.purge()
+        try:
+            self._producer.purge()
+        except KafkaException:
+            pass  # a producer in its fatal state may refuse even this; it is dropped anyway
         self._producer = Producer(self._config)
         self.recreated += 1
+        metrics.PRODUCERS_REPLACED.inc()
+        log.warning("producer in a fatal state replaced; the batch is redone")
