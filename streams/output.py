@@ -9,6 +9,7 @@ the pipeline at-least-once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, NoReturn
 
@@ -122,10 +123,9 @@ class OutputProducer:
         """Drop the producer in its fatal state (its queue is lost with it: the batch that
         owned those messages is redone) and start a new one."""
         self._fatal = False
-        try:
+        # a producer in its fatal state may refuse even this; it is dropped anyway
+        with contextlib.suppress(KafkaException):
             self._producer.purge()
-        except KafkaException:
-            pass  # a producer in its fatal state may refuse even this; it is dropped anyway
         self._producer = Producer(self._config)
         self.recreated += 1
         metrics.PRODUCERS_REPLACED.inc()
