@@ -37,6 +37,7 @@ from streams.output import OutputProducer
 from streams.processors import IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
 from streams.reference import CatalogCache
+from streams.retry import run_batch
 from streams.settings import Settings
 from topics import names
 
@@ -78,27 +79,9 @@ def _messages(events: Any) -> list[Message]:
     ]
 
 
-async def _with_retry(
-    stage: str, fn: Callable[[list[Message]], Awaitable[None]], batch: list[Message]
+async def _until_done(
+    what: str, step: Callable[[], Awaitable[None]], label: str = "assign"
 ) -> None:
-    """Retry a failed batch until it succeeds: raising would end the agent, and Faust acks a
-    take() batch when its loop body ends - an unprocessed batch must never get that far."""
-    delay = 0.2
-    while True:
-        try:
-            with metrics.BATCH_SECONDS.labels(stage).time():
-                await fn(batch)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            metrics.BATCH_RETRIES.labels(stage).inc()
-            log.error("%s batch of %d failed, retrying in %.1fs: %r", stage, len(batch), delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
-async def _until_done(what: str, step: Callable[[], Awaitable[None]]) -> None:
     """Retry a step that only a Redis or broker outage can fail (with backoff, for as long as
     the outage lasts): a partition assigned while Redis is down must not kill the worker."""
     delay = 0.2
@@ -109,7 +92,7 @@ async def _until_done(what: str, step: Callable[[], Awaitable[None]]) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            metrics.BATCH_RETRIES.labels("assign").inc()
+            metrics.BATCH_RETRIES.labels(label).inc()
             log.error("%s failed, retrying in %.1fs: %r", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -199,22 +182,22 @@ def build_app(settings: Settings) -> faust.App:
     async def ingest_agent(stream: Any) -> None:
         await catalog.ready.wait()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await _with_retry("ingest", ingest.process, _messages(events))
+            await run_batch("ingest", ingest.process, _messages(events), ingest.skip)
 
     @app.agent(topic(names.BY_LEDGER), name="ledger")
     async def ledger_agent(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await _with_retry("ledger", ledger.process, _messages(events))
+            await run_batch("ledger", ledger.process, _messages(events), ledger.skip)
 
     @app.agent(topic(names.BY_CODE), name="code")
     async def code_agent(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await _with_retry("code", codes.process, _messages(events))
+            await run_batch("code", codes.process, _messages(events), codes.skip)
 
     @app.agent(topic(names.VERDICT_PARTS), name="verdict")
     async def verdict_agent(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await _with_retry("verdict", verdicts.process, _messages(events))
+            await run_batch("verdict", verdicts.process, _messages(events), verdicts.skip)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
@@ -239,9 +222,13 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.task
     async def load_reference_data() -> None:
-        if settings.catalog_path:
-            await catalog.publish_file(settings.catalog_path)
-        await catalog.refresh()
+        async def load() -> None:
+            if settings.catalog_path:
+                await catalog.publish_file(settings.catalog_path)
+            await catalog.refresh()
+
+        # Redis may be down as the worker starts: ingest waits for the catalog meanwhile.
+        await _until_done("loading the catalog", load, label="catalog")
 
     @app.timer(interval=5.0)
     async def refresh_reference_data() -> None:

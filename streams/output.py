@@ -21,7 +21,25 @@ log = logging.getLogger("tracewatch.output")
 
 
 class OutputError(RuntimeError):
-    """Outputs of a batch were not all delivered: the batch must be retried, not acknowledged."""
+    """Outputs of a batch were not all delivered: the batch must be retried, not acknowledged.
+    `permanent`: the broker refused a message for what it is (too large, invalid), so retrying
+    the same batch cannot help (`streams.retry` then isolates it)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# Delivery errors that say something about the message, not about the broker's health.
+_PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_MSG,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+    }
+)
 
 
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
@@ -49,6 +67,7 @@ class OutputProducer:
         self._config = {"error_cb": self._on_error, **producer_config(bootstrap, **overrides)}
         self._producer = Producer(self._config)
         self._errors: list[str] = []
+        self._permanent = False
         self._fatal = False
         self.recreated = 0
 
@@ -62,6 +81,8 @@ class OutputProducer:
             self._errors.append(f"{msg.topic()}: {err.str()}")
             if err.fatal():
                 self._fatal = True
+            if err.code() in _PERMANENT:
+                self._permanent = True
 
     def produce(
         self,
@@ -82,9 +103,11 @@ class OutputProducer:
                 self._producer.poll(0.05)
             except KafkaException as exc:
                 self._errors.clear()
-                if self._fatal or (exc.args and exc.args[0].fatal()):
+                err = exc.args[0] if exc.args else None
+                if self._fatal or (err is not None and err.fatal()):
                     self._replace()  # the next attempt of the batch gets a working producer
-                raise OutputError(f"{topic}: {exc}") from None
+                permanent = err is not None and err.code() in _PERMANENT
+                raise OutputError(f"{topic}: {exc}", permanent) from None
 
     async def flush(self, timeout: float = 30.0) -> None:
         try:
@@ -112,11 +135,13 @@ class OutputProducer:
 
     def _verify(self, remaining: int, timeout: float) -> None:
         errors, self._errors = self._errors, []
+        permanent, self._permanent = self._permanent, False
         if self._fatal:
             self._replace()
         if remaining or errors:
             raise OutputError(
-                f"{remaining} messages undelivered after {timeout}s; errors: {errors[:5]}"
+                f"{remaining} messages undelivered after {timeout}s; errors: {errors[:5]}",
+                permanent,
             )
 
     def _replace(self) -> None:

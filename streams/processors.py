@@ -345,6 +345,14 @@ class IngestProcessor:
         phase("save")
         _observe_latency("ingest", messages)
 
+    async def skip(self, msg: Message, error: BaseException) -> None:
+        """Dead-letter a message that fails alone, every time, and move past it
+        (`streams.retry`)."""
+        out = Emitter(self._producer)
+        out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(error))
+        await out.flush()
+        await self._store.save(msg.partition, {}, {}, [], position=msg.offset + 1)
+
     @staticmethod
     def _route(event: Event, catalog: Catalog, view: IngestView, out: Emitter, own: float) -> None:
         unresolved = event.type in ("void", "settlement_cancel")
@@ -509,6 +517,15 @@ class StageProcessor:
             elif isinstance(outcome, BaseException):
                 raise outcome
         _observe_latency(self.stage.name, messages)
+
+    async def skip(self, msg: Message, error: BaseException) -> None:
+        """Dead-letter a message that fails alone, every time, and move past it
+        (`streams.retry`)."""
+        out = Emitter(self._producer)
+        out.dead_letter(msg, f"{self.stage.name}-stage", "processing_failed", repr(error))
+        await out.flush()
+        if msg.partition in self.store.generations:
+            await self.store.save(msg.partition, {}, [], position=msg.offset + 1)
 
 
 class _Phases:

@@ -83,8 +83,10 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.url = ""
+        self.port = 0
 
-    def start(self) -> RedisServer:
+    def start(self, port: int | None = None) -> RedisServer:
+        """On `port` (a free one when None): a test restarts a stopped server on its old port."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -92,7 +94,8 @@ class RedisServer:
                 "redis-server), or run a Docker engine"
             )
         self._dir = tempfile.TemporaryDirectory(prefix="tracewatch-redis-")
-        port = free_port()
+        port = port or free_port()
+        self.port = port
         self._proc = subprocess.Popen(
             [
                 binary,

@@ -1,0 +1,132 @@
+"""Transient versus deterministic failures of a batch.
+
+An outage (Redis or the broker away, a delivery that timed out) is retried with backoff for as
+long as it lasts: the batch is not acknowledged, so nothing behind it is lost. Anything else that
+fails a batch twice the same way is a property of its data: the batch is split, each message
+retried alone, and a message that still fails alone is dead-lettered with the exception and
+skipped - the rest of the batch goes on. Raising would end the Faust agent, and Faust acks a
+take() batch when its loop body ends: an unprocessed batch must never get that far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import redis.exceptions
+from confluent_kafka import KafkaException
+
+from streams import metrics
+from streams.backfill import BackfillError
+from streams.output import OutputError
+from streams.redis_state import PartitionLost
+
+log = logging.getLogger("tracewatch.retry")
+
+M = TypeVar("M")
+
+# What an outage raises; retried as long as it lasts, never blamed on a message.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    OutputError,
+    BackfillError,
+    KafkaException,
+    PartitionLost,
+    OSError,
+)
+
+MAX_DELAY = 10.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not getattr(exc, "permanent", False)
+
+
+async def run_batch(
+    stage: str,
+    fn: Callable[[list[M]], Awaitable[None]],
+    batch: list[M],
+    dead_letter: Callable[[M, BaseException], Awaitable[None]],
+    first_delay: float = 0.2,
+) -> None:
+    """Run `fn` on the batch until it succeeds; see the module docstring for the policy."""
+    delay = first_delay
+    last: str | None = None
+    while True:
+        try:
+            with metrics.BATCH_SECONDS.labels(stage).time():
+                await fn(batch)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.BATCH_RETRIES.labels(stage).inc()
+            if not is_transient(exc):
+                if last == repr(exc):
+                    await _one_by_one(stage, fn, batch, dead_letter, first_delay)
+                    return
+                last = repr(exc)
+            log.error("%s batch of %d failed, retrying in %.1fs: %r", stage, len(batch), delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)
+
+
+async def _one_by_one(
+    stage: str,
+    fn: Callable[[list[M]], Awaitable[None]],
+    batch: Sequence[M],
+    dead_letter: Callable[[M, BaseException], Awaitable[None]],
+    first_delay: float,
+) -> None:
+    log.error(
+        "%s batch of %d failed twice the same way: retrying its messages alone", stage, len(batch)
+    )
+    for message in batch:
+        delay = first_delay
+        last: str | None = None
+        while True:
+            try:
+                await fn([message])
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.BATCH_RETRIES.labels(stage).inc()
+                if not is_transient(exc):
+                    if last == repr(exc):
+                        log.error(
+                            "%s: a message fails alone the same way twice, dead-lettered: %r",
+                            stage,
+                            exc,
+                        )
+                        await _until_delivered(stage, dead_letter, message, exc, first_delay)
+                        break
+                    last = repr(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+
+
+async def _until_delivered(
+    stage: str,
+    dead_letter: Callable[[M, BaseException], Awaitable[None]],
+    message: M,
+    exc: BaseException,
+    delay: float,
+) -> None:
+    while True:
+        try:
+            await dead_letter(message, exc)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as failure:  # the broker is away: the dead letter waits for it
+            log.error("%s: dead letter not delivered, retrying: %r", stage, failure)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)
