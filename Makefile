@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test loadtest determinism bench lint typecheck check demo-data clean
+.PHONY: run test loadtest determinism chaos fuzz bench lint typecheck check demo-data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ loadtest: $(STAMP)
 determinism: $(STAMP)
 	TRACEWATCH_DETERMINISM_EVENTS=$(or $(EVENTS),20000) TRACEWATCH_DETERMINISM_ORDERS=$(or $(ORDERS),200) \
 		$(PY) -m pytest -q -s tests/detectors/test_arrival_order.py -k generated
+
+# Faults mid-stream (workers and Redis killed, broker down or slow, injected Kafka errors,
+# poison events), each scenario compared with replay: lost / spurious / duplicated, drain time.
+chaos: $(STAMP)
+	$(PY) -m loadtest.chaos --events $(or $(EVENTS),3000) $(foreach s,$(SCENARIOS),--scenario $(s))
+
+# A million mutated inputs through the parser, the codecs and the replay pipeline.
+fuzz: $(STAMP)
+	$(PY) -m loadtest.fuzz --inputs $(or $(INPUTS),1000000)
 
 # Throughput, latency, state size and memory, measured together; figures go to loadtest/RESULTS.md.
 bench: $(STAMP)

@@ -79,9 +79,12 @@ REDIS_STATE_OPTIONS = ("--hash-max-listpack-value", "512", "--hash-max-listpack-
 class RedisServer:
     """A throwaway `redis-server` on a free loopback port, in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, appendonly: bool = False) -> None:
+        """`appendonly`: keep an AOF fsynced every second, as production runs it - a SIGKILL then
+        loses up to a second of writes, and a restart on the same port finds the rest."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._appendonly = appendonly
         self.url = ""
         self.port = 0
 
@@ -93,7 +96,8 @@ class RedisServer:
                 "no Redis: set REDIS_URL, or install the server (Debian: apt-get install "
                 "redis-server), or run a Docker engine"
             )
-        self._dir = tempfile.TemporaryDirectory(prefix="tracewatch-redis-")
+        if self._dir is None:  # a restart keeps the directory, and the AOF in it
+            self._dir = tempfile.TemporaryDirectory(prefix="tracewatch-redis-")
         port = port or free_port()
         self.port = port
         self._proc = subprocess.Popen(
@@ -106,7 +110,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self._appendonly else "no",
+                "--appendfsync",
+                "everysec",
                 *REDIS_STATE_OPTIONS,
                 "--dir",
                 self._dir.name,
@@ -123,12 +129,19 @@ class RedisServer:
         self.stop()
         raise RuntimeError("redis-server did not start within 10 s")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: what the AOF had not fsynced is lost; the directory stays for a restart."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def stop(self, keep_data: bool = False) -> None:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(timeout=10)
             self._proc = None
-        if self._dir is not None:
+        if self._dir is not None and not keep_data:
             self._dir.cleanup()
             self._dir = None
 

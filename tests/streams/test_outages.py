@@ -44,8 +44,13 @@ def test_a_worker_started_while_redis_is_down_waits_and_then_works(
         "TRACEWATCH_CATALOG": str(catalog_file),
     }
     producer = Producer({"bootstrap.servers": svc.kafka_bootstrap})
-    code = "81000010000000000077"
-    for n, inst in enumerate(["H1", "H2", "H1"]):
+    # one institution, one partition: the verdicts do not depend on other partitions' progress
+    sales = [
+        ("H1", "81000010000000000077"),
+        ("H1", "81000010000000000077"),
+        ("H1", "81000010000000000078"),
+    ]
+    for n, (inst, code) in enumerate(sales):
         producer.produce(f"{redis_prefix}-events", _sale(n, inst, code), inst.encode())
     assert producer.flush(30) == 0
     worker = WorkerProcess(svc, env).start()
@@ -67,6 +72,6 @@ def test_a_worker_started_while_redis_is_down_waits_and_then_works(
         worker.stop()
         redis.stop()
     by_id = {v["event_id"]: v["verdict"] for v in verdicts}
-    assert by_id == {"S0": "pass", "S1": "reject", "S2": "reject"}
-    assert {a["rule"] for a in alerts} >= {"CROSS_INSTITUTION_SALE"}
+    assert by_id == {"S0": "pass", "S1": "reject", "S2": "pass"}
+    assert {a["rule"] for a in alerts} == {"DUPLICATE_SALE"}
     assert 'tracewatch_batch_retries_total{stage="assign"}' in metrics
