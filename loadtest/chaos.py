@@ -144,9 +144,9 @@ Fault = Callable[[Run, threading.Event], None]
 
 
 def _every(period: float, times: int, done: threading.Event, step: Callable[[int], None]) -> None:
+    """`times` steps, `period` apart; they run their course even after the input ends."""
     for n in range(times):
-        if done.wait(period):
-            return
+        time.sleep(period)
         step(n)
 
 
@@ -203,9 +203,9 @@ def _slow_broker(run: Run, done: threading.Event) -> None:
     run.broker("RTT", 0, 1)
 
 
-def _errors(api: int, code: int, count: int, times: int = 3) -> Fault:
+def _errors(api: int, code: int, count: int, times: int = 3, period: float = 3.0) -> Fault:
     def fault(run: Run, done: threading.Event) -> None:
-        _every(3.0, times, done, lambda _n: run.broker("ERRORS", api, *([code] * count)))
+        _every(period, times, done, lambda _n: run.broker("ERRORS", api, *([code] * count)))
 
     return fault
 
@@ -232,6 +232,9 @@ class Scenario:
     workers: int = 2
     broker_faults: bool = False
     poison: bool = False
+    # The input is produced first, as a backlog, and the fault hits while workers drain it:
+    # injected Produce errors then reach the workers' producers, not the feeder's.
+    backlog: bool = False
 
 
 SCENARIOS = {
@@ -245,12 +248,16 @@ SCENARIOS = {
         Scenario("broker-down", _broker_down, broker_faults=True),
         Scenario("broker-rtt-500ms", _slow_broker, broker_faults=True),
         Scenario(
-            "produce-retriable", _errors(PRODUCE, NOT_LEADER_OR_FOLLOWER, 10), broker_faults=True
+            "produce-retriable",
+            _errors(PRODUCE, NOT_LEADER_OR_FOLLOWER, 10, times=4, period=0.5),
+            broker_faults=True,
+            backlog=True,
         ),
         Scenario(
             "produce-fatal",
-            _errors(PRODUCE, OUT_OF_ORDER_SEQUENCE_NUMBER, 3, times=2),
+            _errors(PRODUCE, OUT_OF_ORDER_SEQUENCE_NUMBER, 3, times=3, period=0.5),
             broker_faults=True,
+            backlog=True,
         ),
         Scenario("fetch-errors", _errors(FETCH, NOT_LEADER_OR_FOLLOWER, 20), broker_faults=True),
         Scenario(
@@ -333,7 +340,8 @@ def _feed(bootstrap: str, topic: str, lines: list[bytes], seconds: float) -> Non
             except (KafkaException, SystemError):
                 pass
             producer = Producer(config)
-        time.sleep(0.25)
+        if seconds:
+            time.sleep(0.25)
 
 
 @dataclass
@@ -458,9 +466,14 @@ def run_scenario(
             time.sleep(8.0)  # the group forms before the input and the faults start
             done = threading.Event()
             faults = threading.Thread(target=scenario.fault, args=(run, done), daemon=True)
-            faults.start()
-            _feed(svc.kafka_bootstrap, f"{run.prefix}-events", lines, feed_seconds)
-            done.set()
+            if scenario.backlog:
+                _feed(svc.kafka_bootstrap, f"{run.prefix}-events", lines, 0.0)
+                faults.start()
+                done.set()
+            else:
+                faults.start()
+                _feed(svc.kafka_bootstrap, f"{run.prefix}-events", lines, feed_seconds)
+                done.set()
             faults.join()
             calm = time.monotonic()
             want_alerts = _standing(expected.alerts)

@@ -33,6 +33,7 @@ from detectors.verdicts import VerdictStage
 from streams import metrics
 from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
+from streams.kafka_config import faust_credentials
 from streams.output import OutputProducer
 from streams.processors import IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
@@ -114,6 +115,7 @@ def build_app(settings: Settings) -> faust.App:
     app = faust.App(
         names.APP_ID,
         broker=f"kafka://{bootstrap}",
+        broker_credentials=faust_credentials(),
         store="memory://",
         # The embedded broker has no topic admin API: every topic is created beforehand
         # (`tracewatch topics` or the broker host), on real Kafka too, from `topics.names`.
@@ -122,6 +124,12 @@ def build_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_port=settings.web_port,
         web_host=settings.web_host,
+        # Faust's own views read tables and routing state without authentication: off. The
+        # worker serves `/` (status) and `/metrics`; data reads go through the API.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
         producer_linger_ms=5,
         producer_compression_type="lz4",
         stream_buffer_maxsize=65536,

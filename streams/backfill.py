@@ -14,6 +14,8 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from streams.kafka_config import client_config
+
 # (partition, offset, timestamp in seconds, value)
 Raw = tuple[int, int, float, bytes]
 
@@ -28,14 +30,16 @@ def read_range(
     """Messages of `topic` at offsets `start <= offset < end` per partition, in offset order.
     Offsets the log no longer holds (retention) are skipped: the read starts at the earliest."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "tracewatch-backfill",  # assign() only: never joins, never commits
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 50,
-        }
+        client_config(
+            bootstrap,
+            **{
+                "group.id": "tracewatch-backfill",  # assign() only: never joins, never commits
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 50,
+            },
+        )
     )
     pending = {p: end for p, (start, end) in ranges.items() if end > start}
     try:

@@ -146,14 +146,18 @@ def follow_topic(
     Stops after `timeout` seconds, `limit` values, or `quiet` seconds without a new value."""
     from confluent_kafka import Consumer
 
+    from streams.kafka_config import client_config
+
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"tracewatch-cli-{time.time_ns()}",
-            "auto.offset.reset": "earliest" if from_beginning else "latest",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 50,
-        }
+        client_config(
+            bootstrap,
+            **{
+                "group.id": f"tracewatch-cli-{time.time_ns()}",
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 50,
+            },
+        )
     )
     consumer.subscribe([topic])
     start = last = time.monotonic()

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
+from streams.kafka_config import client_config
 
 log = logging.getLogger("tracewatch.output")
 
@@ -44,7 +45,7 @@ _PERMANENT = frozenset(
 
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "enable.idempotence": True,
         "linger.ms": 5,
         "compression.type": "lz4",

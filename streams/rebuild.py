@@ -33,6 +33,7 @@ from detectors.catalog import Catalog
 from detectors.pipeline import CODE_PART, LEDGER_PART, MemoryStage, Pipeline, partition_of
 from detectors.stage import lane_of
 from streams.codecs import CodeCodec, JsonCodec
+from streams.kafka_config import client_config
 from streams.redis_state import IngestStore, StageStore, connect
 from topics import names
 from topics.records import KEY_SEP, InvalidEvent, parse_event
@@ -52,12 +53,14 @@ def read_input(
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"tracewatch-rebuild-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
+        client_config(
+            bootstrap,
+            **{
+                "group.id": f"tracewatch-rebuild-{time.time_ns()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     ends = {
         p: consumer.get_watermark_offsets(TopicPartition(topic.name, p), timeout=10)[1]
@@ -167,7 +170,7 @@ def commit_group_offsets(bootstrap: str, group: str, input_ends: dict[int, int])
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+        client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False})
     )
     offsets = [TopicPartition(names.EVENTS.name, p, end) for p, end in input_ends.items()]
     for spec in (names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):

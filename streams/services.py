@@ -44,7 +44,9 @@ def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from streams.kafka_config import client_config
+
+    admin = AdminClient(client_config(bootstrap))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(

@@ -47,7 +47,7 @@ class Case:
 
     def send(self, etype: str, inst: str, hour: float, **fields: Any) -> str:
         self._n += 1
-        eid = fields.pop("event_id", f"E{self._n:03d}")
+        eid: str = fields.pop("event_id", f"E{self._n:03d}")
         ts = START + round(hour * 3600)
         stamp = _iso(ts)
         self.events.append(

@@ -36,7 +36,7 @@ class Run:
 
     def send(self, etype: str, inst: str = "P1", hour: float = 0, **fields: Any) -> str:
         self._n += 1
-        eid = fields.pop("event_id", f"E{self._n}")
+        eid: str = fields.pop("event_id", f"E{self._n}")
         event = {
             "event_id": eid,
             "type": etype,

@@ -37,7 +37,9 @@ def settlement(*lines: dict[str, Any], inst: str = "H1", eid: str | None = None)
     }
 
 
-def line(product: str = "XA001", quantity: float = 1, codes: list[str] | None = None, **kw: Any):
+def line(
+    product: str = "XA001", quantity: float = 1, codes: list[str] | None = None, **kw: Any
+) -> dict[str, Any]:
     return {
         "product": product,
         "quantity": quantity,
@@ -106,7 +108,9 @@ def test_one_alert_per_bad_scan_and_line() -> None:
     assert next(a for a in alerts if a.rule == "INVALID_CODE").evidence["raw"] == "garbage"
 
 
-def legacy(quantity: float, product: str = "XA001", inst: str = "H1", unit: str = "pack"):
+def legacy(
+    quantity: float, product: str = "XA001", inst: str = "H1", unit: str = "pack"
+) -> dict[str, Any]:
     return {
         "event_id": f"L-{next(_counter)}",
         "type": "legacy_stock",

@@ -25,7 +25,7 @@ class Ledger:
 
     def send(self, etype: str, hour: float, **fields: Any) -> str:
         self._n += 1
-        eid = fields.pop("event_id", f"E{self._n}")
+        eid: str = fields.pop("event_id", f"E{self._n}")
         # whole hours after 2026-03-02T00:00Z
         stamp = f"2026-03-{2 + int(hour) // 24:02d}T{int(hour) % 24:02d}:{int(hour * 60) % 60:02d}:00+00:00"
         event = {

@@ -34,7 +34,7 @@ def snapshot(client: redis.Redis, prefix: str) -> dict[bytes, tuple[int, bytes]]
     for key in _keys(client, prefix):
         value = client.dump(key)
         if value is not None:
-            out[key] = (max(0, int(client.pttl(key))), bytes(value))  # type: ignore[arg-type]
+            out[key] = (max(0, int(client.pttl(key))), bytes(value))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,9 @@ def read_topic(
     try:
         while time.monotonic() < deadline and not done(values):
             for msg in consumer.consume(500, 0.2):
-                if msg.error() is None and msg.value() is not None:
-                    values.append(orjson.loads(msg.value()))
+                value = msg.value()
+                if msg.error() is None and value is not None:
+                    values.append(orjson.loads(value))
     finally:
         consumer.close()
     return values
@@ -178,6 +180,14 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
             svc.kafka_bootstrap, pipe.topic("dead-letters"), lambda v: len(v) >= dead, timeout=30
         )
         metrics = worker.metrics()
+        closed = []
+        for path in ("/router/", "/table/", "/graph/", "/stats/", "/ledger/P00001"):
+            try:
+                worker.get(path)
+            except urllib.error.HTTPError as exc:
+                closed.append(exc.code == 404)
+            else:
+                closed.append(False)
         cli = subprocess.run(
             [sys.executable, "-m", "streams.cli", "ledger", "P00001"],
             env=worker.env,
@@ -198,6 +208,7 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
     assert len(got_verdicts) == len(verdicts), "one verdict per settlement"
     assert_same_verdicts(got_verdicts, verdicts)
     assert len(letters) == dead
+    assert all(closed), "the worker's web server carries no data views"
     assert all(letter["reason"] and letter["detail"] for letter in letters)
     rules = {a["rule"] for a in expected.values()}
     assert {"CROSS_INSTITUTION_SALE", "NO_PROVENANCE", "DUPLICATE_SALE", "NO_CODE"} <= rules
@@ -325,13 +336,16 @@ def test_catalog_update_reaches_a_running_worker(
     try:
         first = tmp_path / "first.jsonl"
         first.write_bytes(settlement(1))
-        run = lambda *args: subprocess.run(  # noqa: E731
-            [sys.executable, "-m", "streams.cli", *args],
-            env=worker.env,
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+
+        def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [sys.executable, "-m", "streams.cli", *args],
+                env=worker.env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+
         run("produce", str(first))
         verdicts_topic = f"{redis_prefix}-verdicts"
         got = read_topic(svc.kafka_bootstrap, verdicts_topic, lambda v: len(v) >= 1, 60)
