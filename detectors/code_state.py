@@ -9,7 +9,11 @@ State per normalised code, the facts of what a box went through:
   for a whole pack, the smallest units (thousandths) of a split (拆零) dispense; `returned_at` the
   event time of the `sale_return`/`settlement_cancel` that undid it and `undone_by` its event;
   `standing` the letters of the rules standing against it;
-- `p`, `ps`: the box's product and pack size (thousandths of a unit), for alerts and splits.
+- `p`, `ps`: the box's product and pack size (thousandths of a unit), for alerts and splits;
+- `ur`: returns that matched no dispense when they came, `[institution, ts, event_id,
+  original_event_id, line_no, offset, raw scan]`: RETURN_WITHOUT_SALE stands against each until
+  the sale it returns arrives (an upload may carry a return before its sale), which then takes
+  the return and the alert is withdrawn.
 
 **Alerts are a function of these facts**, not of the order they arrived in (`judge`). Every change
 to a code re-judges it; a rule that now holds is raised, a rule that no longer holds - the first
@@ -54,11 +58,14 @@ VOID = "v"  # void of an event that did one of the above (`vt` says which)
 
 MAX_DISPENSES = 128
 MAX_HOLDINGS = 64
+MAX_UNMATCHED_RETURNS = 16
 
 # dispense entry fields
 INST, DK, EV, TS, UNITS, RET, LN, RC, STANDING, OFF, UNDONE = range(11)
 # holding entry fields
 H_INST, H_TS, H_KIND = range(3)
+# unmatched return entry fields
+U_INST, U_TS, U_EV, U_OF, U_LN, U_OFF, U_RAW = range(7)
 
 CROSS, DUPLICATE, SPLIT, NO_PROVENANCE = "C", "D", "S", "N"
 RULE_OF = {
@@ -170,6 +177,8 @@ class CodeStage(BaseStage):
             if record.get("ps"):
                 entry.setdefault("ps", record["ps"])
             dispense = self._dispense(entry, record)
+            if dispense is not None and entry.get("ur"):
+                self._match_return(key, entry, dispense, out)
             self._settle(key, entry, out, frame, record)
             if "vk" in record:
                 letters = dispense[STANDING] if dispense is not None else ""
@@ -185,6 +194,20 @@ class CodeStage(BaseStage):
         elif kind == RETURN:
             if not _undo(entry, record, record.get("of")):
                 out.alerts.append(_return_without_sale(key, entry, record))
+                unmatched = entry.setdefault("ur", [])
+                unmatched.append(
+                    [
+                        record["inst"],
+                        max(1, round(record["ts"])),
+                        record["ev"],
+                        record.get("of") or "",
+                        record.get("ln"),
+                        record.get("off", 0),
+                        record.get("raw") or "",
+                    ]
+                )
+                if len(unmatched) > MAX_UNMATCHED_RETURNS:
+                    del unmatched[0]  # its alert stays
         elif kind == CANCEL:
             # Ingest resolved the settlement to this code, so the dispense is here unless a
             # void removed it; the settlement-level RETURN_WITHOUT_SALE is ingest's to raise.
@@ -230,6 +253,28 @@ class CodeStage(BaseStage):
                 return None
         return new
 
+    def _match_return(self, key: str, entry: State, dispense: list[Any], out: StageOutput) -> None:
+        """A dispense arrived after a return of it: the return undoes it (the earliest return
+        at that institution no earlier in event time that names it or names nothing) and its
+        RETURN_WITHOUT_SALE is withdrawn."""
+        unmatched: list[list[Any]] = entry["ur"]
+        for i, u in enumerate(unmatched):
+            if (
+                u[U_INST] == dispense[INST]
+                and u[U_TS] >= dispense[TS]
+                and u[U_OF] in ("", dispense[EV])
+                and not dispense[RET]
+            ):
+                dispense[RET], dispense[UNDONE] = u[U_TS], u[U_EV]
+                del unmatched[i]
+                alert = _return_without_sale(key, entry, _unmatched_record(u))
+                out.alerts.append(
+                    withdrawal(alert, [dispense[EV]], "the sale it returns arrived after it")
+                )
+                break
+        if not unmatched:
+            del entry["ur"]
+
     def _void(self, key: str, entry: State, record: Record, out: StageOutput) -> None:
         inst, voided, of = record["inst"], record["vt"], record["of"]
         if voided == DISPENSE:
@@ -255,6 +300,13 @@ class CodeStage(BaseStage):
             for d in entry.get("d", ()):
                 if d[INST] == inst and d[UNDONE] == of:
                     d[RET], d[UNDONE] = 0, ""
+            unmatched = entry.get("ur", [])
+            for u in [u for u in unmatched if u[U_INST] == inst and u[U_EV] == of]:
+                unmatched.remove(u)
+                alert = _return_without_sale(key, entry, _unmatched_record(u))
+                out.alerts.append(withdrawal(alert, [record["ev"]], "the return was voided"))
+            if not unmatched:
+                entry.pop("ur", None)
 
     # -- judging ---------------------------------------------------------------------------------
 
@@ -408,6 +460,18 @@ def _undo(entry: State, record: Record, original: str | None) -> bool:
     d[RET] = max(1, round(record["ts"]))
     d[UNDONE] = record["ev"]
     return True
+
+
+def _unmatched_record(u: list[Any]) -> Record:
+    """The fields of the return record an unmatched return keeps, as its alert needs them."""
+    return {
+        "inst": u[U_INST],
+        "ev": u[U_EV],
+        "ts": u[U_TS],
+        "off": u[U_OFF],
+        "ln": u[U_LN],
+        "raw": u[U_RAW] or None,
+    }
 
 
 def _return_without_sale(key: str, entry: State, record: Record) -> Alert:

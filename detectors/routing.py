@@ -9,16 +9,18 @@ apply it exactly once.
 Two kinds of event name earlier events instead of carrying lines: a `void` (by event id) and a
 `settlement_cancel` (by settlement id). Ingest resolves them through `IngestView`, its memory of
 what each event of an institution routed where, and sends the undo to the same keys. The input
-topic is keyed by institution, so the view is local to an input partition.
+topic is keyed by institution, so the view is local to an input partition. An upload may carry a
+void or a cancellation before the event it names: the view then keeps it, and the event, when
+it comes, is routed and undone at once (a cancellation's RETURN_WITHOUT_SALE is withdrawn).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from detectors import code_state
-from detectors.alerts import make_alert
+from detectors.alerts import make_alert, withdrawal
 from detectors.catalog import Catalog, Product
 from detectors.codes import classify
 from detectors.settlement_gate import (
@@ -48,6 +50,9 @@ _STOCK_CHANGE_KIND = {
 }
 CODE_TARGET = "c"
 LEDGER_TARGET = "l"
+# an index entry holding a void or cancellation that came before the event it names:
+# [[EARLY, its event id, occurred_at, occurred_ts, offset minutes]]
+EARLY = "w"
 
 
 @dataclass(slots=True)
@@ -98,12 +103,16 @@ class IngestView:
 
     @staticmethod
     def lookups(event: Event) -> list[str]:
-        """The index entries routing this event will read."""
+        """The index entries routing this event will read: what a void or cancel names, and
+        for any other event whether a void of it came first (and its settlement's entry)."""
         if event.type == "void" and event.voided_event_id is not None:
             return [event_index_key(event.institution, event.voided_event_id)]
-        if event.settlement_id is not None:  # a cancel; or a dispense: is it the first of two?
+        if event.type == "settlement_cancel" and event.settlement_id is not None:
             return [settlement_index_key(event.institution, event.settlement_id)]
-        return []
+        own = event_index_key(event.institution, event.event_id)
+        if event.settlement_id is not None:  # a dispense: is it the first of two?
+            return [settlement_index_key(event.institution, event.settlement_id), own]
+        return [own]
 
     def remember(self, key: str, targets: list[Any]) -> None:
         self.index[key] = targets
@@ -126,15 +135,20 @@ def route(event: Event, catalog: Catalog, view: IngestView, own: float | None = 
     own_time = event.occurred_ts if own is None else own
     if event.type == "void":
         voided = event_index_key(event.institution, event.voided_event_id or "")
-        _route_undo(event, view.index.get(voided), code_state.VOID, out, own_time)
-        if voided in view.index:
+        targets = view.index.get(voided)
+        if targets is None:  # not here yet: undone when it comes
+            view.remember(voided, [_early(event)])
+        elif not _is_early(targets):
+            _route_undo(event, targets, code_state.VOID, out, own_time)
             view.remember(voided, [])  # a second void of it has nothing left to retract
         return out
     if event.type == "settlement_cancel":
-        targets = view.index.get(settlement_index_key(event.institution, event.settlement_id or ""))
+        cancelled = settlement_index_key(event.institution, event.settlement_id or "")
+        targets = view.index.get(cancelled)
         if targets is None:
             out.alerts.append(_cancel_without_settlement(event))
-        else:
+            view.remember(cancelled, [_early(event)])  # withdrawn if the settlement comes after all
+        elif not _is_early(targets):
             _route_undo(event, targets, code_state.CANCEL, out, own_time)
         return out
     if event.type == "settlement":
@@ -149,7 +163,9 @@ def route(event: Event, catalog: Catalog, view: IngestView, own: float | None = 
     if event.settlement_id is not None and event.type in ("sale", "settlement"):
         skey = settlement_index_key(event.institution, event.settlement_id)
     # the second of a sale and its settlement: the ledger has counted this dispense already
-    second = skey is not None and skey in view.index
+    settlement_entry = view.index.get(skey) if skey is not None else None
+    cancelled_early = settlement_entry is not None and _is_early(settlement_entry)
+    second = settlement_entry is not None and not cancelled_early
     for cl in checked:
         record = _line_record(event, cl, vkey, own_time)
         if second:
@@ -167,10 +183,52 @@ def route(event: Event, catalog: Catalog, view: IngestView, own: float | None = 
         *([CODE_TARGET, r["k"], r["t"], r.get("dk")] for r in out.codes),
         *([LEDGER_TARGET, r["k"], r["t"], r["u"], r.get("dup", 0)] for r in out.ledger),
     ]
-    view.remember(event_index_key(event.institution, event.event_id), targets)
+    own_key = event_index_key(event.institution, event.event_id)
+    voided_early = view.index.get(own_key)
+    view.remember(own_key, targets)
     if skey is not None and not second:  # the first of a sale and its settlement stands for both
         view.remember(skey, targets)
+    if voided_early and _is_early(voided_early):
+        _route_undo(
+            _undoer(event, voided_early[0], "void"), targets, code_state.VOID, out, own_time
+        )
+        view.remember(own_key, [])
+    if cancelled_early and settlement_entry:
+        cancel = _undoer(event, settlement_entry[0], "settlement_cancel")
+        _route_undo(cancel, targets, code_state.CANCEL, out, own_time)
+        out.alerts.append(
+            withdrawal(
+                _cancel_without_settlement(cancel),
+                [event.event_id],
+                "the settlement it cancels arrived after it",
+            )
+        )
     return out
+
+
+def _early(event: Event) -> list[Any]:
+    return [EARLY, event.event_id, event.occurred_at, event.occurred_ts, event.offset_minutes]
+
+
+def _is_early(targets: list[Any]) -> bool:
+    return bool(targets) and targets[0][0] == EARLY
+
+
+def _undoer(event: Event, early: list[Any], etype: str) -> Event:
+    """The void or cancellation that came before `event`, as the event it was."""
+    return replace(
+        event,
+        event_id=early[1],
+        type=etype,
+        occurred_at=early[2],
+        occurred_ts=early[3],
+        offset_minutes=early[4],
+        voided_event_id=event.event_id if etype == "void" else None,
+        lines=(),
+        product=None,
+        quantity=None,
+        codes=(),
+    )
 
 
 def _header(event: Event, key: str, record_id: str, kind: str, own: float) -> dict[str, Any]:

@@ -4,9 +4,13 @@ Deterministic from a seed. The simulation runs in event time: suppliers deliver 
 pharmacies, hospitals and clinics; patients buy whole packs (pharmacies) or split packs
 (hospitals, 拆零); settlements come with their 进销存 sale records; patients return drugs,
 settlements are cancelled, cash sales voided, boxes transferred, stock counted, uncoded legacy
-stock (无码库) registered and drawn down. Client habits: purchases and sale records of some
-institutions come in daily batches (late, out of event-time order), clients retry identical
-uploads, scanners spell one code several ways, and some messages are malformed.
+stock (无码库) registered and drawn down. Client habits: purchases, sale records, some cash
+sales with their same-day returns, and stock counts of some institutions come in nightly batches
+(late, after other institutions' real-time events and the same institution's later settlements),
+clients retry identical uploads, scanners spell one code several ways (GS1 in any AI order,
+Digital Link URIs), some whole-pack lines give their quantity in units, hospitals sell long
+series of one tablet from a strip, legacy stock is drawn down in fractions of a pack, a few
+institutions go quiet for good, and some messages are malformed.
 
 Fraud is injected at configurable rates, each kind on boxes chosen so that it raises exactly the
 alerts written to the ground truth - recycled boxes resold elsewhere, double settlement, split
@@ -229,10 +233,16 @@ class Generator:
         roll = self.rng.random()
         if box.serial:
             gtin = box.product["gtins"][0]
-            if roll < 0.3:
+            if roll < 0.25:
                 return f"(01){gtin}(21){box.serial}"
-            if roll < 0.5:
+            if roll < 0.4:
                 return f"]d201{gtin}21{box.serial}"
+            if roll < 0.5:  # expiry and batch first: GS1 allows any AI order
+                return f"(17)281231(10)B{self._serial % 9999:04d}(01){gtin}(21){box.serial}"
+            if roll < 0.55:
+                return f"]d21728123110B77\x1d01{gtin}21{box.serial}"
+            if roll < 0.6:
+                return f"https://id.gs1.org/01/{gtin}/21/{box.serial}?17=281231"
             return f"01{gtin}21{box.serial}"
         if roll < 0.05:
             return f" {box.code} "
@@ -319,11 +329,19 @@ class _Simulation:
             for product in self.rng.sample(coded, 6):
                 self.purchase(inst, product, realtime=True)
         start = self.t
+        # two institutions go quiet for good after a third of the stream, the last thing they
+        # send a sale of a box they never bought: its checks are decided by the idle bound
+        quiet, active = insts[-2:], insts
         while self.emitted < self.count:
             # event time keeps pace with the messages written, so the stream spans `days`
             pace = start + self.span * self.emitted / self.count
             self.t = max(self.t + self.rng.expovariate(1 / self.step), pace)
-            inst = self.rng.choice(insts)
+            if active is insts and self.emitted >= self.count // 3:
+                for inst in quiet:
+                    self.fraud_phantom(inst)
+                    self.legit["quiet_institutions"] += 1
+                active = insts[:-2]
+            inst = self.rng.choice(active)
             self.act(inst)
         self.out.sort()
         # a parked check stands once event time at its institution has passed the grace period:
@@ -458,6 +476,12 @@ class _Simulation:
         if self.legacy[key] >= product["pack_size"] and rng.random() < 0.3:
             self.legacy[key] -= product["pack_size"]
             self.legit["legacy_covered"] += 1
+            if rng.random() < 0.3:  # a bottle of legacy stock sold in two parts: 0.45 + 0.55
+                self.whole_settlement(inst, product, 0.45, [], sid, [])
+                self.t += 60
+                self.whole_settlement(inst, product, 0.55, [], self.g._id("SID"), [])
+                self.legit["legacy_fractions"] += 1
+                return
             self.whole_settlement(inst, product, 1, [], sid, [])
             return
         packs = rng.randint(1, 2)
@@ -498,20 +522,28 @@ class _Simulation:
             scans[0] = unknown
             codes[0] = unknown
             ev_rules.append(("UNKNOWN_CODE", unknown))
-        self.whole_settlement(inst, product, packs, scans, sid, ev_rules, codes=codes, boxes=boxes)
+        units = not ev_rules and rng.random() < 0.15  # 2 packs of 60 sent as 120 tablets
+        self.whole_settlement(
+            inst, product, packs, scans, sid, ev_rules, codes=codes, boxes=boxes, in_units=units
+        )
 
     def whole_settlement(
         self,
         inst: str,
         product: dict[str, Any],
-        packs: int,
+        packs: float,
         scans: list[str],
         sid: str,
         ev_rules: list[tuple[str, str | None]],
         codes: list[str] | None = None,
         boxes: list[Box] | None = None,
+        in_units: bool = False,
     ) -> str:
-        line = self.line(product, packs, scans)
+        if in_units:
+            line = self.line(product, packs * product["pack_size"], scans, unit="unit")
+            self.legit["unit_quantity_lines"] += 1
+        else:
+            line = self.line(product, packs, scans)
         event = self.dispense_event("settlement", inst, [line], sid)
         eid: str = event["event_id"]
         for rule, subject in ev_rules:
@@ -545,7 +577,20 @@ class _Simulation:
         self.truth.dispensed_units(
             inst, product["product"], product["pack_size"], event["event_id"], self.t
         )
-        self.emit(event, inst)
+        nightly = inst in self.g.batching and self.rng.random() < 0.3
+        self.emit(event, inst, batch=nightly)
+        if nightly and self.rng.random() < 0.5:
+            # the patient brings it back the same day; the POS uploads both that night, after
+            # the day's real-time settlements - the box may be resold or transferred meanwhile
+            self.t += 600
+            back = self.base("sale_return", inst)
+            back["original_event_id"] = event["event_id"]
+            back["lines"] = [self.line(product, 1, [self.g._scan(box)])]
+            self.truth.stock(inst, product["product"], product["pack_size"])
+            self.emit(back, inst, batch=True)
+            self.shelf[inst][product["product"]].append(box)
+            self.legit["nightly_sale_and_return"] += 1
+            return
         self.cash[inst].append(Sold(box, event["event_id"], None, product["pack_size"]))
 
     def split_dispense(self, inst: str) -> None:
@@ -556,7 +601,9 @@ class _Simulation:
             opened.append(self.take(inst, product, 1)[0])
         box = rng.choice(opened)
         size = box.product["pack_size"]
-        units = min(size - box.used, rng.randint(1, max(1, size // 3)))
+        # a strip of 30 or 60 is often sold one tablet a day: a long series on one code
+        one = size >= 30 and rng.random() < 0.6
+        units = min(size - box.used, 1 if one else rng.randint(1, max(1, size // 3)))
         box.used += units
         if box.used >= size:
             opened.remove(box)
@@ -660,7 +707,8 @@ class _Simulation:
         event = self.base("stock_count", inst)
         event.update(product=name, quantity=units, unit="unit")
         self.truth.counted(inst, name, units, event["event_id"], self.t)
-        self.emit(event, inst)
+        # taken during the day, uploaded in the nightly batch after the day's sales
+        self.emit(event, inst, batch=self.rng.random() < 0.5)
 
     # -- frauds with no normal flow around them ----------------------------------------------------
 

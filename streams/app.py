@@ -150,6 +150,7 @@ def build_app(settings: Settings) -> faust.App:
         IngestStore(redis_client, settings.redis_prefix, settings.seen_ttl_days),
         catalog.current,
         refill=_refill(bootstrap, names.EVENTS.name),
+        daily_quota=settings.institution_daily_quota,
     )
 
     def processor(

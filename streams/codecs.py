@@ -81,7 +81,16 @@ class CodeCodec:
     def pack(state: State) -> bytes:
         holdings: list[list[Any]] = state.get("h", [])
         dispenses: list[list[Any]] = state.get("d", [])
-        home = holdings[0][0] if holdings else dispenses[0][0] if dispenses else ""
+        unmatched: list[list[Any]] = state.get("ur", [])
+        home = (
+            holdings[0][0]
+            if holdings
+            else dispenses[0][0]
+            if dispenses
+            else unmatched[0][0]
+            if unmatched
+            else ""
+        )
         due = state.get("due")
         header = [
             state.get("p", ""),
@@ -112,6 +121,21 @@ class CodeCodec:
                     )
                 )
             )
+        for inst, ts, ev, of, ln, off, raw in state.get("ur", ()):
+            sections.append(
+                _US.join(
+                    (
+                        "u",
+                        "" if inst == home else inst,
+                        _b36(ts),
+                        ev,
+                        of,
+                        "" if ln is None else str(ln),
+                        "" if off == _DEFAULT_OFFSET else str(off),
+                        orjson.dumps(raw).decode() if raw else "",  # JSON escapes 0x1E/0x1F
+                    )
+                )
+            )
         return _RS.join(sections).encode()
 
     @staticmethod
@@ -127,11 +151,26 @@ class CodeCodec:
             state["due"], state["dl"] = _unb36(due), int(lane)
         holdings: list[list[Any]] = []
         dispenses: list[list[Any]] = []
+        unmatched: list[list[Any]] = []
         for section in sections:
             tag, *fields = section.split(_US)
             if tag == "h":
                 inst, ts, kind = fields
                 holdings.append([inst or home, _unb36(ts), int(kind)])
+                continue
+            if tag == "u":
+                inst, ts, ev, of, ln, off, scan = fields
+                unmatched.append(
+                    [
+                        inst or home,
+                        _unb36(ts),
+                        ev,
+                        of,
+                        int(ln) if ln else None,
+                        int(off) if off else _DEFAULT_OFFSET,
+                        orjson.loads(scan) if scan else "",
+                    ]
+                )
                 continue
             inst, dk, ev, ts, units, ret, ln, rc, standing, off, undone = fields
             dispenses.append(
@@ -153,4 +192,6 @@ class CodeCodec:
             state["h"] = holdings
         if dispenses:
             state["d"] = dispenses
+        if unmatched:
+            state["ur"] = unmatched
         return state

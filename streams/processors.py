@@ -231,11 +231,13 @@ class IngestProcessor:
         store: IngestStore,
         catalog: Callable[[], Catalog],
         refill: Refill | None = None,
+        daily_quota: int = 0,
     ) -> None:
         self._producer = producer
         self._store = store
         self._catalog = catalog
         self._refill = refill  # reads input offsets back when Redis lost a batch's writes
+        self._quota = daily_quota  # events accepted per institution per day; 0 = no limit
 
     async def process(self, messages: list[Message], refilled: bool = False) -> None:
         by_partition: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
@@ -274,7 +276,9 @@ class IngestProcessor:
         for msg, refused in invalid:
             out.dead_letter(msg, names.EVENTS.name, refused.reason, refused.detail)
         catalog = self._catalog()
-        saves: list[tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock, int]] = []
+        saves: list[
+            tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock, int, Counter[str]]
+        ] = []
         all_tops: dict[int, tuple[float, float]] = {}
         accepted: Counter[str] = Counter()
         advanced = 0.0  # event time the institutions moved by in this batch
@@ -291,6 +295,7 @@ class IngestProcessor:
             )
             new: dict[str, str] = {}
             own_moved: dict[str, float] = {}
+            counted: Counter[str] = Counter()
             for msg, event in by_partition[p]:
                 first = digests.get(event.key) or new.get(event.key)
                 if first is not None:
@@ -305,6 +310,19 @@ class IngestProcessor:
                             "before with other content; the first stands",
                         )
                     continue
+                if self._quota and (
+                    batch.counts.get(event.institution, 0) + counted[event.institution]
+                    >= self._quota
+                ):
+                    out.dead_letter(
+                        msg,
+                        names.EVENTS.name,
+                        "over_quota",
+                        f"{event.institution!r} already had {self._quota} events accepted "
+                        "today (TRACEWATCH_INSTITUTION_DAILY_QUOTA); resend tomorrow, or ask "
+                        "the operator to raise the quota",
+                    )
+                    continue
                 lane = lane_of(event.institution)
                 before: float | None = clock.own.get(event.institution)
                 own = clock.observe(event.institution, lane, event.occurred_ts)
@@ -315,13 +333,14 @@ class IngestProcessor:
                     out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(exc))
                     continue
                 new[event.key] = event.digest
+                counted[event.institution] += 1
                 accepted[event.type] += 1
                 lag.observe(max(0.0, now - event.occurred_ts))
                 if own != before:
                     own_moved[event.institution] = own
                     if before is not None:
                         advanced += own - before
-            saves.append((p, new, view, own_moved, clock, spans[p][1] + 1))
+            saves.append((p, new, view, own_moved, clock, spans[p][1] + 1, counted))
             for lane, pair in clock.tops().items():
                 merge_tops(all_tops, lane, pair)
         for etype, count in accepted.items():
@@ -337,9 +356,16 @@ class IngestProcessor:
         await asyncio.gather(
             *(
                 self._store.save(
-                    p, new, view.added, view.new_receivers, own, clock.named_tops(), position
+                    p,
+                    new,
+                    view.added,
+                    view.new_receivers,
+                    own,
+                    clock.named_tops(),
+                    position,
+                    dict(counted),
                 )
-                for p, new, view, own, clock, position in saves
+                for p, new, view, own, clock, position, counted in saves
             )
         )
         phase("save")

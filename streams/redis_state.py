@@ -15,6 +15,7 @@ Cluster slot):
     {prefix}:{E<p>}:own            hash: institution -> own time (latest occurred_at)
     {prefix}:{E<p>}:tops           hash: lane -> the two latest [own time, institution]
     {prefix}:{E<p>}:pos            the offset after the last input message whose effects are saved
+    {prefix}:{E<p>}:count:<day>    hash: institution -> events accepted that day (the quota)
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
 applied + the keys due by the watermark) and `save` (new states + applied ids + watermark + due
@@ -145,16 +146,17 @@ return 1
 )
 
 # Ingest's view of one input partition. KEYS: seen day hashes (n_seen), index day hashes, the
-# receivers set, the own-time hash, the lane tops hash, the position. ARGV: n_seen, n_events,
-# event keys..., n_index, index keys..., institutions...
+# receivers set, the own-time hash, the lane tops hash, the position, today's counts. ARGV:
+# n_seen, n_events, event keys..., n_index, index keys..., institutions...
 # Returns: seen digests (false when unseen), index values (false when absent), receiver flags,
-# own times (false when unknown) per institution, the lane tops as a flat list, the position.
+# own times (false when unknown) per institution, the lane tops as a flat list, the position,
+# then today's count per institution.
 _INGEST_LOAD = """
 local n_seen = tonumber(ARGV[1])
 local n_events = tonumber(ARGV[2])
 local n_index = tonumber(ARGV[3 + n_events])
-local ix_first, ix_last = n_seen + 1, #KEYS - 4
-local receivers, own, tops = KEYS[#KEYS - 3], KEYS[#KEYS - 2], KEYS[#KEYS - 1]
+local ix_first, ix_last = n_seen + 1, #KEYS - 5
+local receivers, own, tops = KEYS[#KEYS - 4], KEYS[#KEYS - 3], KEYS[#KEYS - 2]
 local out = {}
 for i = 1, n_events do
   local digest = false
@@ -179,14 +181,17 @@ for i = 4 + n_events + n_index, #ARGV do
   out[#out + 1] = redis.call('HGET', own, ARGV[i])
 end
 out[#out + 1] = redis.call('HGETALL', tops)
-out[#out + 1] = redis.call('GET', KEYS[#KEYS])
+out[#out + 1] = redis.call('GET', KEYS[#KEYS - 1])
+for i = 4 + n_events + n_index, #ARGV do
+  out[#out + 1] = redis.call('HGET', KEYS[#KEYS], ARGV[i])
+end
 return out
 """
 
 # KEYS: today's seen hash, today's index hash, receivers set, own-time hash, lane tops hash,
-# position. ARGV: ttl, position ('' = keep), n_events, (event key, digest) pairs, n_index,
-# (index key, value) pairs, n_receivers, receivers..., n_own, (institution, time) pairs,
-# (lane, tops) pairs...
+# position, today's counts. ARGV: ttl, position ('' = keep), n_events, (event key, digest)
+# pairs, n_index, (index key, value) pairs, n_receivers, receivers..., n_own, (institution,
+# time) pairs, n_counts, (institution, accepted) pairs, (lane, tops) pairs...
 _INGEST_SAVE = (
     _RAISE_POSITION
     + """
@@ -210,6 +215,10 @@ for i = 1, n do
   local stored = tonumber(redis.call('HGET', KEYS[4], inst))
   if stored == nil or t > stored then redis.call('HSET', KEYS[4], inst, ARGV[at + 2 * i]) end
 end
+at = at + 2 * n + 1
+n = tonumber(ARGV[at])
+for i = 1, n do redis.call('HINCRBY', KEYS[7], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
+if n > 0 then redis.call('EXPIRE', KEYS[7], 2 * 86400) end
 at = at + 2 * n
 for i = at + 1, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
 return 1
@@ -269,7 +278,7 @@ def day_number(now: float | None = None) -> int:
 class IngestLoaded:
     """What ingest knows of one input partition for one batch."""
 
-    __slots__ = ("index", "own", "position", "receivers", "seen", "tops")
+    __slots__ = ("counts", "index", "own", "position", "receivers", "seen", "tops")
 
     def __init__(
         self,
@@ -279,6 +288,7 @@ class IngestLoaded:
         own: dict[str, float],
         tops: dict[int, list[tuple[float, str]]],
         position: int | None = None,
+        counts: dict[str, int] | None = None,
     ) -> None:
         self.seen = seen  # content digest of each event already seen, None if new
         self.index = index
@@ -286,6 +296,7 @@ class IngestLoaded:
         self.own = own
         self.tops = tops
         self.position = position  # offset after the last input message whose effects are saved
+        self.counts = counts or {}  # events accepted today per institution (the quota)
 
 
 class IngestStore:
@@ -312,7 +323,13 @@ class IngestStore:
 
     def _fixed_keys(self, partition: int) -> list[str]:
         base = self._base(partition)
-        return [f"{base}:receivers", f"{base}:own", f"{base}:tops", f"{base}:pos"]
+        return [
+            f"{base}:receivers",
+            f"{base}:own",
+            f"{base}:tops",
+            f"{base}:pos",
+            f"{base}:count:{day_number()}",
+        ]
 
     async def load(
         self,
@@ -349,8 +366,13 @@ class IngestStore:
             for lane, v in zip(flat[::2], flat[1::2], strict=True)
         }
         position = reply[n + m + 2 * k + 1]
+        counts = {
+            inst: int(c)
+            for inst, c in zip(institutions, reply[n + m + 2 * k + 2 :], strict=True)
+            if c is not None
+        }
         return IngestLoaded(
-            seen, index, receivers, own, tops, None if position is None else int(position)
+            seen, index, receivers, own, tops, None if position is None else int(position), counts
         )
 
     async def save(
@@ -362,10 +384,11 @@ class IngestStore:
         own: dict[str, float] | None = None,
         tops: dict[int, list[tuple[float, str]]] | None = None,
         position: int | None = None,
+        accepted: dict[str, int] | None = None,
     ) -> None:
         """`events`: idempotency key -> content digest of the events newly seen; `tops`: per
         lane the two latest (own time, institution); `position`: the offset after the batch's
-        last message."""
+        last message; `accepted`: events accepted per institution, added to today's counts."""
         keys = [
             self._day_keys(partition, "seen")[0],
             self._day_keys(partition, "ix")[0],
@@ -383,6 +406,10 @@ class IngestStore:
         args.append(len(own))
         for inst, ts in own.items():
             args += [inst, repr(ts)]
+        accepted = accepted or {}
+        args.append(len(accepted))
+        for inst, count in accepted.items():
+            args += [inst, count]
         for lane, top in (tops or {}).items():
             args += [lane, orjson.dumps(top)]
         await self._save(keys=keys, args=args)

@@ -12,6 +12,7 @@
 | `TRACEWATCH_EMBEDDED_BROKER` | (empty) | `1` when `KAFKA_BOOTSTRAP` is the embedded broker (the project's own tools set it): the group leader then waits 0.5 s before it sends the assignment, because that broker rejects a follower's SyncGroup once the leader's arrived first, and the follower sits out a session timeout. |
 | `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
 | `TRACEWATCH_SEEN_TTL_DAYS` | `7` | How long ingest remembers an event: to drop client resubmissions of it, and to resolve a `void` or `settlement_cancel` that names it. |
+| `TRACEWATCH_INSTITUTION_DAILY_QUOTA` | `2000000` | Events one institution may have accepted per UTC day (0: no limit); beyond it they are dead-lettered `over_quota`. Bounds what one misbehaving client can make Redis hold (seen ids, index, state); a large hospital sends tens of thousands a day. |
 | `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
 | `TRACEWATCH_APPLIED_TTL_DAYS` | `2` | How long stages remember applied record ids (redelivery after a crash or rebalance). |
 | `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
@@ -72,6 +73,9 @@ class Settings:
         default_factory=lambda: os.environ.get("TRACEWATCH_WEB_HOST", "127.0.0.1")
     )
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
+    institution_daily_quota: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_INSTITUTION_DAILY_QUOTA", 2_000_000)
+    )
     grace_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_GRACE_HOURS", 72.0))
     # A lane (input partition) whose institutions are all silent is taken to be at most this far
     # behind the others in event time, so its parked checks still run (detectors.event_time).

@@ -55,6 +55,7 @@ DEAD_LETTER_REASONS = (
     "bad_lines",
     "too_large",
     "conflicting_resubmission",
+    "over_quota",
     "processing_failed",
 )
 

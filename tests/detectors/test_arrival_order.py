@@ -197,7 +197,38 @@ def return_names_the_split_sale_it_undoes(c: Case) -> None:
     c.line("sale", "H2", 4, [S1], product="SPL10", quantity=6, unit="unit", split=True)
 
 
+def return_uploaded_before_its_sale(c: Case) -> None:
+    c.buy("P1", 0, A1)
+    c.line("sale_return", "P1", 2, [A1])  # the nightly upload has the return first
+    c.line("sale", "P1", 1, [A1])
+    c.settle("P1", 3, A1)  # the returned box sold again: quiet
+
+
+def voided_return_of_a_box_never_sold(c: Case) -> None:
+    c.buy("P1", 0, A1)
+    ret = c.line("sale_return", "P1", 2, [A1])
+    c.send("void", "P1", 3, voided_event_id=ret)
+
+
+def void_uploaded_before_its_sale(c: Case) -> None:
+    c.buy("P1", 0, A1)
+    c.send("void", "P1", 2, voided_event_id="CASH1")  # the void is real time, the sale nightly
+    c.line("sale", "P1", 1, [A1], event_id="CASH1")
+    c.settle("P1", 3, A1)
+
+
+def cancel_uploaded_before_its_settlement(c: Case) -> None:
+    c.buy("P1", 0, A1)
+    c.send("settlement_cancel", "P1", 2, settlement_id="SX")
+    c.line("settlement", "P1", 1, [A1], settlement_id="SX")
+    c.settle("P1", 3, A1)
+
+
 CASES: dict[str, tuple[Callable[[Case], None], list[tuple[str, str, str | None]]]] = {
+    "void uploaded before its sale": (void_uploaded_before_its_sale, []),
+    "cancel uploaded before its settlement": (cancel_uploaded_before_its_settlement, []),
+    "return uploaded before its sale": (return_uploaded_before_its_sale, []),
+    "voided return of a box never sold": (voided_return_of_a_box_never_sold, []),
     "nightly sale and return after a resale": (nightly_sale_and_return_after_resale, []),
     "receiver resells a box sold elsewhere": (
         resale_by_receiver_of_a_box_sold_elsewhere,

@@ -37,6 +37,18 @@ dispense = st.tuples(
     holdings=st.lists(st.tuples(ids, times, st.sampled_from([1, -1])), max_size=4),
     dispenses=st.lists(dispense, max_size=4),
     due=st.one_of(st.just(None), st.tuples(times, st.integers(min_value=0, max_value=255))),
+    unmatched=st.lists(
+        st.tuples(
+            ids,
+            times,
+            ids,
+            st.one_of(st.just(""), ids),
+            st.one_of(st.none(), st.integers(min_value=0, max_value=2**31 - 1)),
+            st.integers(min_value=-14 * 60, max_value=14 * 60),
+            st.one_of(st.just(""), st.text(max_size=40).filter(lambda v: v.strip())),
+        ),
+        max_size=3,
+    ),
 )
 def test_code_state_round_trips(
     product: str | None,
@@ -44,6 +56,7 @@ def test_code_state_round_trips(
     holdings: list[tuple[Any, ...]],
     dispenses: list[tuple[Any, ...]],
     due: tuple[int, int] | None,
+    unmatched: list[tuple[Any, ...]],
 ) -> None:
     state: dict[str, Any] = {}
     if product:
@@ -56,6 +69,8 @@ def test_code_state_round_trips(
         state["d"] = [[d[0], d[1] or f"e:{d[2]}", *d[2:]] for d in dispenses]
     if due is not None:
         state["due"], state["dl"] = due
+    if unmatched:
+        state["ur"] = [list(u) for u in unmatched]
     assert CodeCodec.unpack(CodeCodec.pack(state)) == state
 
 

@@ -77,3 +77,44 @@ def test_every_bad_event_is_dead_lettered_or_processed_and_the_next_verdict_come
         if line.startswith("tracewatch_batch_retries_total{") and not line.endswith(" 0.0")
     ]
     assert not retries, f"no bad event is retried: {retries}"
+
+
+def test_an_institution_past_its_daily_quota_is_dead_lettered(
+    svc: Services, redis_prefix: str, catalog_file: Path
+) -> None:
+    svc.create_topics(redis_prefix)
+    env = {
+        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
+        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
+        "TRACEWATCH_CATALOG": str(catalog_file),
+        "TRACEWATCH_INSTITUTION_DAILY_QUOTA": "3",
+        "TRACEWATCH_BATCH_SIZE": "2",
+    }
+    producer = Producer({"bootstrap.servers": svc.kafka_bootstrap})
+    for n in range(5):
+        producer.produce(f"{redis_prefix}-events", orjson.dumps(settlement(n)), b"H1")
+    producer.produce(f"{redis_prefix}-events", orjson.dumps(settlement(0)), b"H1")  # a retry
+    other = settlement(9, institution="H2")
+    producer.produce(f"{redis_prefix}-events", orjson.dumps(other), b"H2")
+    assert producer.flush(30) == 0
+    worker = WorkerProcess(svc, env).start()
+    try:
+        verdicts = read_topic(
+            svc.kafka_bootstrap,
+            f"{redis_prefix}-verdicts",
+            lambda v: len({x["event_id"] for x in v}) >= 4,
+            timeout=60,
+        )
+        letters = read_topic(
+            svc.kafka_bootstrap, f"{redis_prefix}-dead-letters", lambda v: len(v) >= 2, 30
+        )
+    finally:
+        worker.stop()
+    assert {(v["institution"], v["event_id"]) for v in verdicts} == {
+        ("H1", "S0"),
+        ("H1", "S1"),
+        ("H1", "S2"),
+        ("H2", "S9"),
+    }
+    assert [letter["reason"] for letter in letters] == ["over_quota", "over_quota"]
+    assert "TRACEWATCH_INSTITUTION_DAILY_QUOTA" in letters[0]["detail"]
