@@ -446,12 +446,15 @@ def describe(dispenses: list[list[Any]], with_returns: bool = True) -> list[dict
 
 def _undo(entry: State, record: Record, original: str | None) -> bool:
     """Mark a dispense at the record's institution returned: the one `record["dk"]` names (a
-    cancellation), else the sale the return names (`original_event_id`), else the latest one."""
+    cancellation), else the sale the return names (`original_event_id`), else the latest one
+    before the return in event time - a return never undoes a later sale (the sale it returns
+    may simply not have arrived yet: the return then waits, see `ur`)."""
     inst, dk = record["inst"], record.get("dk")
+    at = round(record["ts"])
     candidates = [
         d
         for d in entry.get("d", ())
-        if d[INST] == inst and not d[RET] and (dk is None or d[DK] == dk)
+        if d[INST] == inst and not d[RET] and (d[DK] == dk if dk is not None else d[TS] <= at)
     ]
     if not candidates:
         return False

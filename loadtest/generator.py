@@ -354,8 +354,10 @@ class _Simulation:
         for inst, code, eid, ts in self.truth.unreceived:
             if ts + GRACE_SECONDS <= frame.at(lane_of(inst)):
                 self.truth.add("NO_PROVENANCE", inst, code, eid)
+        seen_by = _ledger_own_times([raw for _, _, raw in self.out])
         for rule, where, product_code, eid, ts in self.truth.parked:
-            if ts + GRACE_SECONDS <= max(frame.at(lane_of(where)), self.own.get(where, 0)):
+            own = seen_by.get(f"{where}|{product_code}", 0)
+            if ts + GRACE_SECONDS <= max(frame.at(lane_of(where)), own):
                 self.truth.add(rule, where, product_code, eid)
         return [raw for _, _, raw in self.out], self.truth.keys, dict(self.legit)
 
@@ -771,6 +773,37 @@ class _Simulation:
         self.truth.dispensed_code(inst, box.code, eid, self.t)
         self.truth.dispensed_units(inst, product["product"], product["pack_size"], eid, self.t)
         self.emit(event, inst)
+
+
+def _ledger_own_times(delivered: list[bytes]) -> dict[str, float]:
+    """Per `institution|product`, the institution's own time (its latest `occurred_at` so far,
+    in delivery order) when the last event touching that ledger arrived: a ledger learns its
+    institution's time only from its own records (and its lane's time from all of them)."""
+    from topics.records import InvalidEvent, parse_event
+
+    own: dict[str, float] = {}
+    keys_of: dict[str, set[str]] = {}  # event or settlement -> the ledger keys it touched
+    seen: dict[str, float] = {}
+    for raw in delivered:
+        try:
+            event = parse_event(raw)
+        except InvalidEvent:
+            continue
+        inst = event.institution
+        own[inst] = max(own.get(inst, event.occurred_ts), event.occurred_ts)
+        keys = {f"{inst}|{line.product}" for line in event.lines}
+        if event.product is not None:
+            keys.add(f"{inst}|{event.product}")
+        if event.type == "void":
+            keys |= keys_of.get(f"e|{inst}|{event.voided_event_id}", set())
+        elif event.type == "settlement_cancel":
+            keys |= keys_of.get(f"s|{inst}|{event.settlement_id}", set())
+        keys_of[f"e|{inst}|{event.event_id}"] = keys
+        if event.settlement_id is not None and event.type != "settlement_cancel":
+            keys_of.setdefault(f"s|{inst}|{event.settlement_id}", set()).update(keys)
+        for key in keys:
+            seen[key] = own[inst]
+    return seen
 
 
 def write_dataset(

@@ -224,7 +224,15 @@ def cancel_uploaded_before_its_settlement(c: Case) -> None:
     c.settle("P1", 3, A1)
 
 
+def return_of_a_late_sale_after_a_resale(c: Case) -> None:
+    c.buy("P1", 0, A1)
+    c.settle("P1", 3, A1)  # real time: the returned box sold again
+    c.line("sale_return", "P1", 2, [A1], original_event_id="CASH2")  # nightly, return first
+    c.line("sale", "P1", 1, [A1], event_id="CASH2")
+
+
 CASES: dict[str, tuple[Callable[[Case], None], list[tuple[str, str, str | None]]]] = {
+    "return of a late sale after its resale": (return_of_a_late_sale_after_a_resale, []),
     "void uploaded before its sale": (void_uploaded_before_its_sale, []),
     "cancel uploaded before its settlement": (cancel_uploaded_before_its_settlement, []),
     "return uploaded before its sale": (return_uploaded_before_its_sale, []),
