@@ -76,6 +76,8 @@ class MemoryStage:
         self.frame = TimeFrame({})
         # per watermark lane, a heap of (due, key); stale entries are skipped when popped
         self._due: dict[int, list[tuple[float, str]]] = {}
+        # lanes to look at on the next apply: their heap got an entry, or their time moved
+        self._dirty: set[int] = set()
 
     def _park(self, key: str) -> None:
         state = self.state.get(key)
@@ -83,14 +85,19 @@ class MemoryStage:
         lane = due_lane(state)
         if due is not None and lane is not None:
             heapq.heappush(self._due.setdefault(lane, []), (due, key))
+            self._dirty.add(lane)
 
     def apply(
         self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
     ) -> None:
         """`watermarks`: the lanes' effective times now (`effective_marks`)."""
         if watermarks is not None and watermarks != self.watermarks:
+            previous = self.watermarks
             self.watermarks = dict(watermarks)
             self.frame = TimeFrame(self.watermarks)
+            self._dirty.update(
+                lane for lane, mark in self.watermarks.items() if previous.get(lane) != mark
+            )
         touched: set[str] = set()
         if records:
             new_ids = apply_records(self.stage, records, self.state, self.applied, out, self.frame)
@@ -104,7 +111,11 @@ class MemoryStage:
                 self._park(key)
         ready: list[str] = []
         frame = self.frame
-        for lane, heap in self._due.items():
+        dirty, self._dirty = self._dirty, set()
+        for lane in sorted(dirty):
+            heap = self._due.get(lane)
+            if not heap:
+                continue
             mark = frame.at(lane)
             while heap and heap[0][0] <= mark:
                 due, key = heapq.heappop(heap)

@@ -30,7 +30,7 @@ from detectors.ledger import LedgerStage
 from detectors.pipeline import CODE_PART, LEDGER_PART
 from detectors.stage import Stage
 from detectors.verdicts import VerdictStage
-from streams import metrics
+from streams import gc_tuning, metrics
 from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
 from streams.kafka_config import faust_credentials
@@ -163,6 +163,7 @@ def build_app(settings: Settings) -> faust.App:
             settings.state_buckets,
             settings.applied_ttl_days,
             codec=CodeCodec() if isinstance(stage, CodeStage) else JsonCodec(),
+            field_ttl_days=settings.code_state_ttl_days if isinstance(stage, CodeStage) else 0,
         )
         return StageProcessor(
             stage,
@@ -262,6 +263,7 @@ def run_worker(settings: Settings) -> None:
     except ImportError:  # optional speed-up
         pass
     app = build_app(settings)
+    gc_tuning.tune()
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     # Faust's spinner sets the root logger to DEBUG when the level is WARNING: every debug line
     # is then formatted (about 10% of CPU).

@@ -48,6 +48,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         grace_seconds=settings.grace_hours * 3600,
         idle_seconds=settings.idle_hours * 3600,
     )
+    from streams import gc_tuning
+
+    gc_tuning.tune()
     dead = 0
     with contextlib.ExitStack() as files:
         out: IO[bytes] = (

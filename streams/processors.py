@@ -46,7 +46,13 @@ from detectors.stage import (
 from detectors.verdicts import head_record, part_record
 from streams import metrics
 from streams.output import OutputProducer
-from streams.redis_state import IngestStore, PartitionLost, StageStore, merge_tops
+from streams.redis_state import (
+    IngestLoaded,
+    IngestStore,
+    PartitionLost,
+    StageStore,
+    merge_tops,
+)
 from topics import names
 from topics.records import Alert, Event, InvalidEvent, join_key, parse_event
 
@@ -224,6 +230,25 @@ def _tops_of(packed: Any) -> dict[int, tuple[float, float]]:
     return tops
 
 
+class _IngestContext:
+    """One input partition's part of an ingest batch: what Redis held, and what the batch adds."""
+
+    __slots__ = ("batch", "clock", "counted", "digests", "new", "own_moved", "view")
+
+    def __init__(self, batch: IngestLoaded, events: list[Event]) -> None:
+        self.batch = batch
+        self.view = IngestView(batch.index, batch.receivers)
+        self.clock = LaneClock()
+        for inst, ts in batch.own.items():
+            self.clock.observe(inst, lane_of(inst), ts)
+        for lane, named in batch.tops.items():
+            self.clock.seed(lane, named)
+        self.digests = dict(zip(dict.fromkeys(e.key for e in events), batch.seen, strict=True))
+        self.new: dict[str, str] = {}
+        self.own_moved: dict[str, float] = {}
+        self.counted: Counter[str] = Counter()
+
+
 class IngestProcessor:
     def __init__(
         self,
@@ -283,65 +308,67 @@ class IngestProcessor:
         accepted: Counter[str] = Counter()
         advanced = 0.0  # event time the institutions moved by in this batch
         lag = metrics.EVENT_LAG
+        contexts: dict[int, _IngestContext] = {}
         for p, batch in zip(partitions, loaded, strict=True):
-            view = IngestView(batch.index, batch.receivers)
-            clock = LaneClock()
-            for inst, ts in batch.own.items():
-                clock.observe(inst, lane_of(inst), ts)
-            for lane, named in batch.tops.items():
-                clock.seed(lane, named)
-            digests = dict(
-                zip(dict.fromkeys(e.key for _, e in by_partition[p]), batch.seen, strict=True)
-            )
-            new: dict[str, str] = {}
-            own_moved: dict[str, float] = {}
-            counted: Counter[str] = Counter()
-            for msg, event in by_partition[p]:
-                first = digests.get(event.key) or new.get(event.key)
-                if first is not None:
-                    if first == event.digest:
-                        metrics.RESUBMISSIONS.inc()
-                    else:
-                        out.dead_letter(
-                            msg,
-                            names.EVENTS.name,
-                            "conflicting_resubmission",
-                            f"event {event.event_id!r} of {event.institution!r} was accepted "
-                            "before with other content; the first stands",
-                        )
-                    continue
-                if self._quota and (
-                    batch.counts.get(event.institution, 0) + counted[event.institution]
-                    >= self._quota
-                ):
+            contexts[p] = _IngestContext(batch, [e for _, e in by_partition[p]])
+        # Events in arrival order across the batch's partitions (log-append time, then partition
+        # and offset), not partition by partition: the code stage then sees one worker's batch
+        # in the order it reached the input topic, as replay of the topic does.
+        arrived = sorted(
+            (pair for pairs in by_partition.values() for pair in pairs),
+            key=lambda pair: (pair[0].timestamp, pair[0].partition, pair[0].offset),
+        )
+        for msg, event in arrived:
+            ctx = contexts[msg.partition]
+            batch, clock = ctx.batch, ctx.clock
+            first = ctx.digests.get(event.key) or ctx.new.get(event.key)
+            if first is not None:
+                if first == event.digest:
+                    metrics.RESUBMISSIONS.inc()
+                else:
                     out.dead_letter(
                         msg,
                         names.EVENTS.name,
-                        "over_quota",
-                        f"{event.institution!r} already had {self._quota} events accepted "
-                        "today (TRACEWATCH_INSTITUTION_DAILY_QUOTA); resend tomorrow, or ask "
-                        "the operator to raise the quota",
+                        "conflicting_resubmission",
+                        f"event {event.event_id!r} of {event.institution!r} was accepted "
+                        "before with other content; the first stands",
                     )
-                    continue
-                lane = lane_of(event.institution)
-                before: float | None = clock.own.get(event.institution)
-                own = clock.observe(event.institution, lane, event.occurred_ts)
-                try:
-                    self._route(event, catalog, view, out, own)
-                except Exception as exc:  # a deterministic failure: never retried forever
-                    log.exception("event %s/%d failed to route", names.EVENTS.name, msg.offset)
-                    out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(exc))
-                    continue
-                new[event.key] = event.digest
-                counted[event.institution] += 1
-                accepted[event.type] += 1
-                lag.observe(max(0.0, now - event.occurred_ts))
-                if own != before:
-                    own_moved[event.institution] = own
-                    if before is not None:
-                        advanced += own - before
-            saves.append((p, new, view, own_moved, clock, spans[p][1] + 1, counted))
-            for lane, pair in clock.tops().items():
+                continue
+            if self._quota and (
+                batch.counts.get(event.institution, 0) + ctx.counted[event.institution]
+                >= self._quota
+            ):
+                out.dead_letter(
+                    msg,
+                    names.EVENTS.name,
+                    "over_quota",
+                    f"{event.institution!r} already had {self._quota} events accepted "
+                    "today (TRACEWATCH_INSTITUTION_DAILY_QUOTA); resend tomorrow, or ask "
+                    "the operator to raise the quota",
+                )
+                continue
+            lane = lane_of(event.institution)
+            before: float | None = clock.own.get(event.institution)
+            own = clock.observe(event.institution, lane, event.occurred_ts)
+            try:
+                self._route(event, catalog, ctx.view, out, own)
+            except Exception as exc:  # a deterministic failure: never retried forever
+                log.exception("event %s/%d failed to route", names.EVENTS.name, msg.offset)
+                out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(exc))
+                continue
+            ctx.new[event.key] = event.digest
+            ctx.counted[event.institution] += 1
+            accepted[event.type] += 1
+            lag.observe(max(0.0, now - event.occurred_ts))
+            if own != before:
+                ctx.own_moved[event.institution] = own
+                if before is not None:
+                    advanced += own - before
+        for p, ctx in contexts.items():
+            saves.append(
+                (p, ctx.new, ctx.view, ctx.own_moved, ctx.clock, spans[p][1] + 1, ctx.counted)
+            )
+            for lane, pair in ctx.clock.tops().items():
                 merge_tops(all_tops, lane, pair)
         for etype, count in accepted.items():
             metrics.EVENTS_IN.labels(etype).inc(count)

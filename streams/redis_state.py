@@ -115,7 +115,7 @@ end
 
 # KEYS: gen key, today's applied set, lane tops hash, then one bucket hash per field.
 # ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, tops) pairs, base, position ('' = keep),
-# then per field (field, value ('' = delete), due-index member, due ('' = not due), lane,
+# field ttl (seconds; 0 = none - needs Redis >= 7.4's HEXPIRE, ignored before), then per field (field, value ('' = delete), due-index member, due ('' = not due), lane,
 # previous lane).
 _SAVE = (
     _MERGE_TOPS
@@ -131,12 +131,18 @@ for i = 1, n_lanes do
 end
 local prefix = ARGV[5 + n_ids + 2 * n_lanes]
 raise_position(prefix .. ':pos', ARGV[6 + n_ids + 2 * n_lanes])
-local base = 6 + n_ids + 2 * n_lanes
+local field_ttl = tonumber(ARGV[7 + n_ids + 2 * n_lanes])
+local base = 7 + n_ids + 2 * n_lanes
 for j = 4, #KEYS do
   local at = base + 6 * (j - 4)
   local f, v, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local due, lane, old = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
-  if v == '' then redis.call('HDEL', KEYS[j], f) else redis.call('HSET', KEYS[j], f, v) end
+  if v == '' then
+    redis.call('HDEL', KEYS[j], f)
+  else
+    redis.call('HSET', KEYS[j], f, v)
+    if field_ttl > 0 then redis.pcall('HEXPIRE', KEYS[j], field_ttl, 'FIELDS', 1, f) end
+  end
   if old ~= '' and old ~= lane then redis.call('ZREM', prefix .. ':due:' .. old, member) end
   if due ~= '' then redis.call('ZADD', prefix .. ':due:' .. lane, due, member)
   elseif lane ~= '' then redis.call('ZREM', prefix .. ':due:' .. lane, member) end
@@ -454,7 +460,10 @@ class StageStore:
         applied_days: int,
         codec: Codec,
         due_limit: int = 5000,
+        field_ttl_days: int = 0,
     ) -> None:
+        """`field_ttl_days`: a key's state expires that long after its last change (per-field
+        expiry, Redis >= 7.4; on older servers states do not expire)."""
         self._client = client
         self._prefix = prefix
         self.tag = tag
@@ -462,6 +471,7 @@ class StageStore:
         self._applied_days = max(1, applied_days)
         self._codec = codec
         self._due_limit = due_limit
+        self._field_ttl = max(0, field_ttl_days) * _DAY
         self._load = client.register_script(_LOAD)
         self._save = client.register_script(_SAVE)
         self.generations: dict[int, str] = {}
@@ -557,7 +567,7 @@ class StageStore:
         args.append(len(raised))
         for lane, (first, second) in raised.items():
             args += [lane, tops_text(first, second)]
-        args += [base, "" if position is None else position]
+        args += [base, "" if position is None else position, self._field_ttl]
         previous = previous_lanes or {}
         for key, value in state.items():
             bucket = self._bucket_no(key)

@@ -15,6 +15,7 @@
 | `TRACEWATCH_INSTITUTION_DAILY_QUOTA` | `2000000` | Events one institution may have accepted per UTC day (0: no limit); beyond it they are dead-lettered `over_quota`. Bounds what one misbehaving client can make Redis hold (seen ids, index, state); a large hospital sends tens of thousands a day. |
 | `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
 | `TRACEWATCH_APPLIED_TTL_DAYS` | `2` | How long stages remember applied record ids (redelivery after a crash or rebalance). |
+| `TRACEWATCH_CODE_STATE_TTL_DAYS` | `1100` | A code's state expires this long after its last change (a box is in date for at most about three years; 0 = never). Needs Redis >= 7.4 (per-field HEXPIRE); older servers keep every code. |
 | `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
 | `TRACEWATCH_CATALOG` | (none) | Catalog JSONL loaded into Redis at worker start (else the cached catalog is used). |
 | `TRACEWATCH_LOG_LEVEL` | `WARNING` | Worker log level. |
@@ -80,6 +81,9 @@ class Settings:
     # A lane (input partition) whose institutions are all silent is taken to be at most this far
     # behind the others in event time, so its parked checks still run (detectors.event_time).
     idle_hours: float = field(default_factory=lambda: _env_float("TRACEWATCH_IDLE_HOURS", 24.0))
+    code_state_ttl_days: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_CODE_STATE_TTL_DAYS", 1100)
+    )
     applied_ttl_days: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_APPLIED_TTL_DAYS", 2)
     )

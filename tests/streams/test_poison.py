@@ -118,3 +118,36 @@ def test_an_institution_past_its_daily_quota_is_dead_lettered(
     }
     assert [letter["reason"] for letter in letters] == ["over_quota", "over_quota"]
     assert "TRACEWATCH_INSTITUTION_DAILY_QUOTA" in letters[0]["detail"]
+
+
+def test_a_resubmission_with_other_content_is_a_conflict_and_the_first_stands(
+    svc: Services, redis_prefix: str, catalog_file: Path
+) -> None:
+    """An event sent first under another's id must not make the real one vanish unseen."""
+    svc.create_topics(redis_prefix)
+    env = {
+        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
+        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
+        "TRACEWATCH_CATALOG": str(catalog_file),
+    }
+    first = settlement(1)
+    forged = {**settlement(1), "lines": [{**first["lines"][0], "codes": []}]}
+    producer = Producer({"bootstrap.servers": svc.kafka_bootstrap})
+    for event in (first, first, forged):  # a retry (identical) and a conflict
+        producer.produce(f"{redis_prefix}-events", orjson.dumps(event), b"H1")
+    assert producer.flush(30) == 0
+    worker = WorkerProcess(svc, env).start()
+    try:
+        letters = read_topic(
+            svc.kafka_bootstrap, f"{redis_prefix}-dead-letters", lambda v: len(v) >= 1, 60
+        )
+        verdicts = read_topic(
+            svc.kafka_bootstrap, f"{redis_prefix}-verdicts", lambda v: len(v) >= 1, 30
+        )
+        metrics = worker.metrics()
+    finally:
+        worker.stop()
+    assert [letter["reason"] for letter in letters] == ["conflicting_resubmission"]
+    assert "the first stands" in letters[0]["detail"]
+    assert [v["verdict"] for v in verdicts] == ["pass"]  # the first, with its code
+    assert "tracewatch_resubmissions_total 1.0" in metrics

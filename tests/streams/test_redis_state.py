@@ -133,3 +133,34 @@ def test_ingest_store(svc: Services, redis_prefix: str) -> None:
         assert 6 * 86400 < ttl <= 7 * 86400
 
     with_redis(svc, body)
+
+
+def test_positions_rise_only_and_states_expire_where_redis_can(
+    svc: Services, redis_prefix: str
+) -> None:
+    async def body(client: aioredis.Redis) -> None:
+        store = StageStore(
+            client,
+            redis_prefix,
+            "C",
+            buckets=4,
+            applied_days=2,
+            codec=CodeCodec(),
+            field_ttl_days=1,
+        )
+        await store.acquire([0])
+        assert (await store.load(0, [], [])).position is None
+        await store.save(0, {"81000010000000000001": {"p": "XA001"}}, ["r1"], position=10)
+        await store.save(0, {}, [], position=7)  # a new owner redoing committed batches
+        loaded = await store.load(0, ["81000010000000000001"], [])
+        assert loaded.position == 10
+        assert loaded.state == {"81000010000000000001": {"p": "XA001"}}
+        version = (await client.info("server"))["redis_version"]
+        if tuple(int(x) for x in str(version).split(".")[:2]) >= (7, 4):
+            bucket = f"{redis_prefix}:{{C0}}:s:{store._bucket_no('81000010000000000001')}"
+            ttl = await client.execute_command(  # type: ignore[no-untyped-call]
+                "HTTL", bucket, "FIELDS", 1, CodeCodec.field("81000010000000000001")
+            )
+            assert 0 < ttl[0] <= 86400
+
+    with_redis(svc, body)

@@ -63,3 +63,24 @@ def test_invalid_events(raw: bytes, reason: str, detail_part: str) -> None:
     assert info.value.reason == reason
     assert reason in DEAD_LETTER_REASONS
     assert detail_part in info.value.detail
+
+
+def test_ids_holding_the_old_separator_do_not_collide() -> None:
+    """`A` + event `B|C` and `A|B` + event `C` were one key when ids were joined with `|`."""
+    first = parse_event(_with(institution="A", event_id="B|C", settlement_id="S1"))
+    second = parse_event(_with(institution="A|B", event_id="C", settlement_id="S1"))
+    assert first.key != second.key
+    from detectors.catalog import Catalog
+    from detectors.pipeline import Pipeline
+
+    pipeline = Pipeline(Catalog())
+    verdicts = [v for e in (first, second) for v in pipeline.process(e)[1]]
+    assert [(v["institution"], v["event_id"]) for v in verdicts] == [("A", "B|C"), ("A|B", "C")]
+
+
+@pytest.mark.parametrize("sep", ["\x1f", "\x1e", "\x00", "\n"])
+def test_ids_with_control_characters_are_refused(sep: str) -> None:
+    for field in ("institution", "event_id", "settlement_id"):
+        with pytest.raises(InvalidEvent) as info:
+            parse_event(_with(**{field: f"A{sep}B"}))
+        assert info.value.reason == "bad_field" and field in info.value.detail
