@@ -10,14 +10,19 @@ Checks that wait for late data (NO_PROVENANCE, OVERSOLD, STOCK_COUNT_MISMATCH) a
   librdkafka's default partitioner), so a partition that lags (a consumer catching up a backlog)
   is never judged by the others' progress. A lane's watermark is the latest own time of its
   institutions, but never more than `CLOCK_SKEW` past the second latest of them: one device
-  clock 100 h fast moves no other institution's checks in its lane.
+  clock 100 h fast moves no other institution's checks in its lane. A lane needs two clocks:
+  one institution alone in its lane moves nothing (its lane follows the idle bound) - were it
+  its own clock until a second institution turned up, the lane's time would fall back then, and
+  a check decided in between would stand in one arrival order and not in another.
 - **Idle bound** (Flink's idle sources, in event time so that replay gives what the live run
   gave): a lane whose institutions all fall silent would hold its checks for ever, so a lane is
-  taken to be at most `idle` behind the latest lane.
-- Every one of these only moves forward as events arrive, whatever their order, and ends at a
-  value set by the events alone: the final alerts are the same in every interleaving.
-  A check fired that way that data arriving later explains away is withdrawn (detectors decide
-  alerts as a function of the data they hold, `detectors.code_state`, `detectors.ledger`).
+  taken to be at most `idle` behind the latest lane that has two clocks.
+- Every one of these only moves forward as events arrive, whatever their order (the lane times
+  and the bound are maxima and minima of own times, which only rise), and ends at a value set by
+  the events alone. So a check decided at some point is decided at the end too, and the final
+  alerts are the same in every interleaving. A check fired that data arriving later explains
+  away is withdrawn (detectors decide alerts as a function of the data they hold,
+  `detectors.code_state`, `detectors.ledger`).
 
 No wall clock is read anywhere here: replaying last month's data today gives the live answer.
 """
@@ -42,17 +47,17 @@ def effective_marks(tops: Tops, idle: float = DEFAULT_IDLE_SECONDS) -> dict[int,
     """Each lane's effective time from the two latest own times among its institutions.
 
     A lane's time is its latest institution's, capped at `CLOCK_SKEW` past the second latest of
-    the lane (a device clock 100 h fast moves no other institution's checks in its lane; a lone
-    institution is its own clock). No lane is taken to be more than `idle` behind the latest lane
-    (every institution of it silent). Monotone as events arrive, except when a lane's second
-    institution first appears; stores therefore derive these from the lanes' tops every time
-    rather than keeping the largest they have seen."""
-    marks = {
-        lane: min(first, second + CLOCK_SKEW) if second > NEVER else first
+    the lane (a device clock 100 h fast moves no other institution's checks in its lane); a lane
+    with one institution has only the bound. No lane is taken to be more than `idle` behind the
+    latest lane with two clocks (every institution of it silent). Monotone as events arrive,
+    whatever their order: a lane's second institution turning up raises it from the bound."""
+    robust = {
+        lane: min(first, second + CLOCK_SKEW)
         for lane, (first, second) in tops.items()
+        if second > NEVER
     }
-    floor = max(marks.values(), default=NEVER) - idle
-    return {lane: max(mark, floor) for lane, mark in marks.items()}
+    floor = max(robust.values(), default=NEVER) - idle
+    return {lane: max(robust.get(lane, NEVER), floor) for lane in tops}
 
 
 class TimeFrame:

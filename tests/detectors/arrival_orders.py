@@ -21,6 +21,17 @@ from detectors.stage import lane_of
 from topics.records import InvalidEvent, normalise_id, parse_event
 
 
+def lane_mate(institution: str) -> str:
+    """Another institution in the same watermark lane: a lane's time needs two clocks
+    (`detectors.event_time`), so tests that move time tick one of these as well."""
+    lane = lane_of(institution)
+    return next(
+        name
+        for name in (f"CLOCK{n}" for n in itertools.count())
+        if lane_of(name) == lane and name != institution
+    )
+
+
 def institution_of(raw: bytes) -> str:
     try:
         obj = orjson.loads(raw)

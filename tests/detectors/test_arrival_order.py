@@ -20,7 +20,7 @@ from detectors.catalog import Catalog, product_from_dict
 from detectors.pipeline import Pipeline
 from detectors.stage import lane_of
 from loadtest.generator import Generator
-from tests.detectors.arrival_orders import arrival_orders, replay_standing
+from tests.detectors.arrival_orders import arrival_orders, lane_mate, replay_standing
 from topics.records import parse_event
 
 CATALOG = Catalog(
@@ -87,9 +87,12 @@ class Case:
             "settlement", inst, hour, list(codes), settlement_id=f"S{self._n + 1}", **kw
         )
 
-    def tick(self, inst: str, hour: float) -> None:
-        """Something that moves the institution's own event time and nothing else."""
+    def tick(self, inst: str, hour: float, mate: bool = True) -> None:
+        """Something that moves the institution's own event time and nothing else - and, unless
+        `mate` is False, a second clock of its lane too (one clock alone moves no lane)."""
         self.send("stock_count", inst, hour, product="NONE", quantity=0)
+        if mate:
+            self.send("stock_count", lane_mate(inst), hour, product="NONE", quantity=0)
 
 
 def _iso(ts: int) -> str:
@@ -167,8 +170,8 @@ def fast_clock_does_not_fire_its_lane(c: Case) -> None:
     assert lane_of("F2") == lane_of("Q3")
     c.buy("Q3", 0, A2)
     c.settle("Q3", 1, A1)  # never received: due at hour 73 of Q3's lane
-    c.tick("F2", 2)
-    c.tick("F2", 105)  # F2's device clock is 100 h fast
+    c.tick("F2", 2, mate=False)
+    c.tick("F2", 105, mate=False)  # F2's device clock is 100 h fast
     c.tick("H1", 10)
 
 
@@ -300,7 +303,8 @@ def test_the_verdict_is_what_the_data_proves_when_the_settlement_arrives() -> No
 def test_split_overflow_needs_a_long_memory() -> None:
     case = Case()
     long_split_series_overflows(case)
-    _, rules = standing_rules(case.events[:-2])  # ten tablets of ten: no overflow yet
+    # ten tablets of ten: no overflow yet (the last dispense and the two ticks left out)
+    _, rules = standing_rules(case.events[:-3])
     assert rules == []
 
 

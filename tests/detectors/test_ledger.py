@@ -8,6 +8,7 @@ from typing import Any
 from detectors.catalog import Catalog, product_from_dict
 from detectors.ledger import describe
 from detectors.pipeline import Pipeline
+from tests.detectors.arrival_orders import lane_mate
 from topics.records import event_from_dict, join_key
 
 CATALOG = Catalog(
@@ -53,22 +54,23 @@ class Ledger:
         return self.send("stock_count", hour, product="XA001", quantity=units, unit="unit")
 
     def tick(self, hour: float) -> None:
-        """A count of another product: moves P1's watermark lane only."""
-        self._n += 1
+        """A count of another product at P1 and at a lane mate: moves P1's lane only."""
         stamp = f"2026-03-{2 + int(hour) // 24:02d}T{int(hour) % 24:02d}:00:00+00:00"
-        alerts, _ = self.pipeline.process(
-            event_from_dict(
-                {
-                    "event_id": f"T{self._n}",
-                    "type": "stock_count",
-                    "institution": "P1",
-                    "occurred_at": stamp,
-                    "product": "X",
-                    "quantity": 0,
-                }
+        for inst in ("P1", lane_mate("P1")):
+            self._n += 1
+            alerts, _ = self.pipeline.process(
+                event_from_dict(
+                    {
+                        "event_id": f"T{self._n}",
+                        "type": "stock_count",
+                        "institution": inst,
+                        "occurred_at": stamp,
+                        "product": "X",
+                        "quantity": 0,
+                    }
+                )
             )
-        )
-        self.alerts += alerts
+            self.alerts += alerts
 
     def state(self) -> dict[str, Any]:
         return describe(KEY, self.pipeline.ledger.state.get(KEY, {}))
