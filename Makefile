@@ -25,7 +25,7 @@ loadtest: $(STAMP)
 # The arrival-order harness at full size: 200 orders of a 20,000-event generated stream.
 determinism: $(STAMP)
 	TRACEWATCH_DETERMINISM_EVENTS=$(or $(EVENTS),20000) TRACEWATCH_DETERMINISM_ORDERS=$(or $(ORDERS),200) \
-		$(PY) -m pytest -q -s tests/detectors/test_arrival_order.py -k generated
+		$(PY) -m pytest -q -s --timeout 0 tests/detectors/test_arrival_order.py -k generated
 
 # Faults mid-stream (workers and Redis killed, broker down or slow, injected Kafka errors,
 # poison events), each scenario compared with replay: lost / spurious / duplicated, drain time.

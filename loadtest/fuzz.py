@@ -139,7 +139,9 @@ def _mutate_json(rng: random.Random, event: dict[str, Any], seeds: list[dict[str
                 parent.pop(path[-1] if path[-1] < len(parent) else 0)
         elif kind < 0.75 and isinstance(obj, dict) and obj.get("lines"):
             lines = obj["lines"]
-            if isinstance(lines, list) and lines:
+            # past the parser's 500 lines once, not again: a second or third blow-up made
+            # inputs of hundreds of millions of lines (gigabytes) that crashed the fuzzer itself
+            if isinstance(lines, list) and lines and len(lines) < 500:
                 obj["lines"] = lines * rng.choice([2, 50, 600])
         elif kind < 0.85 and isinstance(obj, dict):
             other = rng.choice(seeds)  # splice a field of another event in
@@ -216,7 +218,12 @@ def run(
     seed: int = 1,
     events: int = 2000,
     progress: Callable[[int, Findings], None] | None = None,
+    start: int = 0,
+    last_input: str | None = None,
 ) -> Findings:
+    """`start`: inputs made but not run before that one (to reach a finding fast: the inputs
+    depend on the seed alone); `last_input`: a file that holds the input being run, so a crash
+    of the process itself (a C extension) leaves its reproducer behind."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="tracewatch-fuzz-") as tmp:
         data = write_dataset(tmp, events, seed)
@@ -245,6 +252,11 @@ def run(
                 raw = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
         else:
             raw = _mutate_bytes(rng, rng.choice(raw_seeds), raw_seeds)
+        if n < start:
+            continue
+        if last_input is not None:
+            with open(last_input, "wb") as fh:
+                fh.write(raw)
         try:
             event = parse_event(raw)
         except InvalidEvent:
@@ -280,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="fuzz-findings", help="folder for one reproducer each")
+    parser.add_argument("--start", type=int, default=0, help="skip running the inputs before")
+    parser.add_argument("--last-input", help="file holding the input being run (crash hunting)")
     args = parser.parse_args(argv)
     started = time.monotonic()
 
@@ -287,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         rate = n / (time.monotonic() - started)
         print(f"{n:>9,} inputs, {found.total} findings, {rate:,.0f} inputs/s", flush=True)
 
-    findings = run(args.inputs, args.seed, progress=progress)
+    findings = run(
+        args.inputs, args.seed, progress=progress, start=args.start, last_input=args.last_input
+    )
     elapsed = time.monotonic() - started
     print(f"{args.inputs:,} inputs in {elapsed:.0f} s: {findings.total} findings")
     if findings.total:

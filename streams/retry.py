@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.exceptions
@@ -57,60 +57,42 @@ async def run_batch(
     first_delay: float = 0.2,
 ) -> None:
     """Run `fn` on the batch until it succeeds; see the module docstring for the policy."""
+    if await _until_done_or_repeated(stage, fn, batch, first_delay) is None:
+        return
+    log.error("%s batch of %d failed twice the same way: its messages go alone", stage, len(batch))
+    for message in batch:
+        failure = await _until_done_or_repeated(stage, fn, [message], first_delay)
+        if failure is not None:
+            log.error("%s: a message fails alone the same way twice: %r", stage, failure)
+            await _until_delivered(stage, dead_letter, message, failure, first_delay)
+
+
+async def _until_done_or_repeated(
+    stage: str,
+    fn: Callable[[list[M]], Awaitable[None]],
+    batch: list[M],
+    first_delay: float,
+) -> BaseException | None:
+    """None once `fn(batch)` succeeded; the exception once it failed twice the same way, not as
+    an outage fails (outages are waited out, with backoff, however long they last)."""
     delay = first_delay
     last: str | None = None
     while True:
         try:
             with metrics.BATCH_SECONDS.labels(stage).time():
                 await fn(batch)
-            return
+            return None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             metrics.BATCH_RETRIES.labels(stage).inc()
             if not is_transient(exc):
                 if last == repr(exc):
-                    await _one_by_one(stage, fn, batch, dead_letter, first_delay)
-                    return
+                    return exc
                 last = repr(exc)
             log.error("%s batch of %d failed, retrying in %.1fs: %r", stage, len(batch), delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY)
-
-
-async def _one_by_one(
-    stage: str,
-    fn: Callable[[list[M]], Awaitable[None]],
-    batch: Sequence[M],
-    dead_letter: Callable[[M, BaseException], Awaitable[None]],
-    first_delay: float,
-) -> None:
-    log.error(
-        "%s batch of %d failed twice the same way: retrying its messages alone", stage, len(batch)
-    )
-    for message in batch:
-        delay = first_delay
-        last: str | None = None
-        while True:
-            try:
-                await fn([message])
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                metrics.BATCH_RETRIES.labels(stage).inc()
-                if not is_transient(exc):
-                    if last == repr(exc):
-                        log.error(
-                            "%s: a message fails alone the same way twice, dead-lettered: %r",
-                            stage,
-                            exc,
-                        )
-                        await _until_delivered(stage, dead_letter, message, exc, first_delay)
-                        break
-                    last = repr(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_DELAY)
 
 
 async def _until_delivered(

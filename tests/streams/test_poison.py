@@ -22,6 +22,16 @@ from topics.records import InvalidEvent, parse_event
 pytestmark = pytest.mark.integration
 
 
+def _env(prefix: str, catalog: Path, **extra: str) -> dict[str, str]:
+    """A worker on its own topics and keys."""
+    return {
+        "TRACEWATCH_TOPIC_PREFIX": prefix,
+        "TRACEWATCH_REDIS_PREFIX": prefix,
+        "TRACEWATCH_CATALOG": str(catalog),
+        **extra,
+    }
+
+
 def test_every_bad_event_is_dead_lettered_or_processed_and_the_next_verdict_comes(
     svc: Services, redis_prefix: str, catalog_file: Path
 ) -> None:
@@ -34,12 +44,7 @@ def test_every_bad_event_is_dead_lettered_or_processed_and_the_next_verdict_come
         except InvalidEvent:
             refused += 1
     assert refused >= len(bad) - 4, "the parser refuses nearly all of these"
-    env = {
-        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
-        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
-        "TRACEWATCH_CATALOG": str(catalog_file),
-        "TRACEWATCH_BATCH_SIZE": "5",
-    }
+    env = _env(redis_prefix, catalog_file, TRACEWATCH_BATCH_SIZE="5")
     producer = Producer({"bootstrap.servers": svc.kafka_bootstrap, "message.max.bytes": 2_000_000})
     good = []
     for n, raw in enumerate(bad):
@@ -83,13 +88,12 @@ def test_an_institution_past_its_daily_quota_is_dead_lettered(
     svc: Services, redis_prefix: str, catalog_file: Path
 ) -> None:
     svc.create_topics(redis_prefix)
-    env = {
-        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
-        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
-        "TRACEWATCH_CATALOG": str(catalog_file),
-        "TRACEWATCH_INSTITUTION_DAILY_QUOTA": "3",
-        "TRACEWATCH_BATCH_SIZE": "2",
-    }
+    env = _env(
+        redis_prefix,
+        catalog_file,
+        TRACEWATCH_INSTITUTION_DAILY_QUOTA="3",
+        TRACEWATCH_BATCH_SIZE="2",
+    )
     producer = Producer({"bootstrap.servers": svc.kafka_bootstrap})
     for n in range(5):
         producer.produce(f"{redis_prefix}-events", orjson.dumps(settlement(n)), b"H1")
@@ -125,11 +129,7 @@ def test_a_resubmission_with_other_content_is_a_conflict_and_the_first_stands(
 ) -> None:
     """An event sent first under another's id must not make the real one vanish unseen."""
     svc.create_topics(redis_prefix)
-    env = {
-        "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
-        "TRACEWATCH_REDIS_PREFIX": redis_prefix,
-        "TRACEWATCH_CATALOG": str(catalog_file),
-    }
+    env = _env(redis_prefix, catalog_file)
     first = settlement(1)
     forged = {**settlement(1), "lines": [{**first["lines"][0], "codes": []}]}
     producer = Producer({"bootstrap.servers": svc.kafka_bootstrap})
