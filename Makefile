@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test loadtest determinism chaos fuzz bench lint typecheck check demo-data clean
+.PHONY: run test loadtest determinism determinism-stream chaos fuzz bench lint typecheck check demo-data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ loadtest: $(STAMP)
 determinism: $(STAMP)
 	TRACEWATCH_DETERMINISM_EVENTS=$(or $(EVENTS),20000) TRACEWATCH_DETERMINISM_ORDERS=$(or $(ORDERS),200) \
 		$(PY) -m pytest -q -s --timeout 0 tests/detectors/test_arrival_order.py -k generated
+
+# Arrival orders of the harness through two workers (each ~1 min): standing alerts = replay's.
+determinism-stream: $(STAMP)
+	TRACEWATCH_STREAM_ORDERS=$(or $(ORDERS),8) \
+		$(PY) -m pytest -q --timeout 0 tests/streams/test_stream_determinism.py
 
 # Faults mid-stream (workers and Redis killed, broker down or slow, injected Kafka errors,
 # poison events), each scenario compared with replay: lost / spurious / duplicated, drain time.
