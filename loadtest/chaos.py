@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -73,7 +74,8 @@ class Run:
         self.batch_size = batch_size
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.ports = [free_port() for _ in range(workers)]
-        self.log = open(os.devnull, "wb")  # noqa: SIM115 - closed in close()
+        # workers' output: TRACEWATCH_CHAOS_LOG names a file to keep it in (else discarded)
+        self.log = open(os.environ.get("TRACEWATCH_CHAOS_LOG", os.devnull), "ab")  # noqa: SIM115
         self.faults: list[str] = []
 
     def env(self, i: int) -> dict[str, str]:
@@ -84,7 +86,7 @@ class Run:
             REDIS_URL=self.redis.url,
             TRACEWATCH_WEB_PORT=str(self.ports[i]),
             TRACEWATCH_BATCH_SIZE=str(self.batch_size),
-            TRACEWATCH_LOG_LEVEL="ERROR",
+            TRACEWATCH_LOG_LEVEL=os.environ.get("TRACEWATCH_CHAOS_LOG_LEVEL", "ERROR"),
         )
 
     def start_worker(self, i: int) -> None:
@@ -319,8 +321,8 @@ def _replay(lines: list[bytes], catalog: str) -> Expected:
 
 def _feed(bootstrap: str, topic: str, lines: list[bytes], seconds: float) -> None:
     """Produce the input spread over `seconds`, so that faults land mid-stream; a producer
-    driven into its fatal state by an injected error is replaced and its batch sent again
-    (a resubmission ingest absorbs)."""
+    driven into its fatal state by an injected error is replaced and what it had not delivered
+    is sent again (only that: a malformed line sent twice would be two dead letters)."""
     chunk = max(1, len(lines) // max(1, int(seconds * 4)))
     config = {
         "bootstrap.servers": bootstrap,
@@ -330,16 +332,25 @@ def _feed(bootstrap: str, topic: str, lines: list[bytes], seconds: float) -> Non
     }
     producer = Producer(config)
     for start in range(0, len(lines), chunk):
-        batch = lines[start : start + chunk]
-        while True:
+        pending = list(range(start, min(start + chunk, len(lines))))
+        while pending:
+            delivered: set[int] = set()
+
+            def done(i: int, err: Any, _msg: Any, into: set[int] = delivered) -> None:
+                if err is None:
+                    into.add(i)
+
             try:
-                for raw in batch:
-                    producer.produce(topic, raw, _key(raw))
-                if producer.flush(60) == 0:
-                    break
+                for i in pending:
+                    producer.produce(
+                        topic, lines[i], _key(lines[i]), on_delivery=functools.partial(done, i)
+                    )
+                producer.flush(60)
             except (KafkaException, SystemError):
                 pass
-            producer = Producer(config)
+            pending = [i for i in pending if i not in delivered]
+            if pending:
+                producer = Producer(config)
         if seconds:
             time.sleep(0.25)
 
@@ -494,6 +505,9 @@ def run_scenario(
             replaced = run.metric("tracewatch_producers_replaced_total")
             gaps = run.metric("tracewatch_state_gaps_total")
         finally:
+            if scenario.broker_faults:  # errors no request consumed must not hit the next run
+                for api in (PRODUCE, FETCH, OFFSET_COMMIT, JOIN_GROUP):
+                    run.broker("CLEAR", api)
             reader.close()
             run.close()
     got = reader.out

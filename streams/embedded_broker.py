@@ -77,6 +77,7 @@ def _librdkafka() -> ctypes.CDLL:
         ctypes.c_size_t,
         ctypes.POINTER(ctypes.c_int),
     ]
+    lib.rd_kafka_mock_clear_request_errors.argtypes = [ctypes.c_void_p, ctypes.c_int16]
     lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
     lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
     return lib
@@ -127,9 +128,13 @@ class MockCluster:
         array = (ctypes.c_int * len(errors))(*errors)
         self._lib.rd_kafka_mock_push_request_errors_array(self._mc, api_key, len(errors), array)
 
+    def clear_errors(self, api_key: int) -> None:
+        """Forget the injected errors of `api_key` that no request has consumed yet."""
+        self._lib.rd_kafka_mock_clear_request_errors(self._mc, api_key)
+
     def command(self, words: Sequence[str]) -> None:
         """One line of the host protocol's fault commands: DOWN, UP, RTT <ms>, ERRORS <api>
-        <code>..."""
+        <code>..., CLEAR <api>."""
         verb, args = words[0], [int(w) for w in words[1:]]
         if verb == "DOWN":
             self.broker_down(*args)
@@ -139,6 +144,8 @@ class MockCluster:
             self.set_rtt(*args)
         elif verb == "ERRORS" and len(args) >= 2:
             self.push_errors(args[0], args[1:])
+        elif verb == "CLEAR" and len(args) == 1:
+            self.clear_errors(args[0])
         else:
             raise RuntimeError(f"unknown command {' '.join(words)!r}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -57,6 +58,13 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def _is_fatal(err: Any) -> bool:
+    """The producer is in its fatal state. Once it is, `produce` refuses every message with
+    code `_FATAL` on an error whose own fatal flag is not set - that refusal is the only sign
+    a batch may see before its flush, so it counts too."""
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
 class OutputProducer:
     """A producer that survives its own fatal errors: the idempotent producer's fatal state
     (e.g. an out-of-order sequence after broker faults) makes every later send fail, so the
@@ -67,6 +75,9 @@ class OutputProducer:
         # serves events next (flush, poll): the callback turns it into state we act on.
         self._config = {"error_cb": self._on_error, **producer_config(bootstrap, **overrides)}
         self._producer = Producer(self._config)
+        # flush runs in threads of this pool; a pool goes with the producer it served when that
+        # one is replaced (a thread that served a fatal error's callbacks kept failing)
+        self._flushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tw-flush")
         self._errors: list[str] = []
         self._permanent = False
         self._fatal = False
@@ -80,7 +91,7 @@ class OutputProducer:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err.str()}")
-            if err.fatal():
+            if _is_fatal(err):
                 self._fatal = True
             if err.code() in _PERMANENT:
                 self._permanent = True
@@ -105,15 +116,19 @@ class OutputProducer:
             except KafkaException as exc:
                 self._errors.clear()
                 err = exc.args[0] if exc.args else None
-                if self._fatal or (err is not None and err.fatal()):
+                if self._fatal or _is_fatal(err):
                     self._replace()  # the next attempt of the batch gets a working producer
                 permanent = err is not None and err.code() in _PERMANENT
                 raise OutputError(f"{topic}: {exc}", permanent) from None
+            except SystemError as exc:  # a fatal error raised out of a callback produce served
+                self._errors.clear()
+                self._replace()
+                raise OutputError(f"{topic}: {exc!r}") from None
 
     async def flush(self, timeout: float = 30.0) -> None:
         try:
             remaining = await asyncio.get_running_loop().run_in_executor(
-                None, self._producer.flush, timeout
+                self._flushers, self._producer.flush, timeout
             )
         except Exception as exc:
             self._failed_flush(exc)
@@ -153,6 +168,8 @@ class OutputProducer:
         with contextlib.suppress(KafkaException):
             self._producer.purge()
         self._producer = Producer(self._config)
+        self._flushers.shutdown(wait=False)
+        self._flushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tw-flush")
         self.recreated += 1
         metrics.PRODUCERS_REPLACED.inc()
         log.warning("producer in a fatal state replaced; the batch is redone")

@@ -53,6 +53,7 @@ from streams.redis_state import (
     StageStore,
     merge_tops,
 )
+from streams.retry import is_transient
 from topics import names
 from topics.records import Alert, Event, InvalidEvent, join_key, parse_event
 
@@ -352,7 +353,10 @@ class IngestProcessor:
             own = clock.observe(event.institution, lane, event.occurred_ts)
             try:
                 self._route(event, catalog, ctx.view, out, own)
-            except Exception as exc:  # a deterministic failure: never retried forever
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # the producer or Redis, not the event: the whole batch is redone
+                # a deterministic failure: dead-lettered, never retried forever
                 log.exception("event %s/%d failed to route", names.EVENTS.name, msg.offset)
                 out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(exc))
                 continue
