@@ -143,10 +143,11 @@ def build_app(settings: Settings) -> faust.App:
         datadir=tempfile.mkdtemp(prefix="tracewatch-faust-"),
     )
     redis_client = connect(settings.redis_url)
-    producer = OutputProducer(bootstrap)
     catalog = CatalogCache(redis_client, settings.redis_prefix)
+    # A producer per stage: one stage's flush, delivery errors and replacement after a fatal
+    # error never touch another stage's batch in flight.
     ingest = IngestProcessor(
-        producer,
+        OutputProducer(bootstrap),
         IngestStore(redis_client, settings.redis_prefix, settings.seen_ttl_days),
         catalog.current,
         refill=_refill(bootstrap, names.EVENTS.name),
@@ -168,7 +169,7 @@ def build_app(settings: Settings) -> faust.App:
         return StageProcessor(
             stage,
             store,
-            producer,
+            OutputProducer(bootstrap),
             part_prefix=part_prefix,
             idle_seconds=idle,
             refill=_refill(bootstrap, source.name),
