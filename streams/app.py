@@ -35,7 +35,7 @@ from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
 from streams.kafka_config import faust_credentials
 from streams.output import OutputProducer
-from streams.processors import IngestProcessor, Message, Refill, StageProcessor
+from streams.processors import Alignment, IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
 from streams.reference import CatalogCache
 from streams.retry import run_batch
@@ -106,6 +106,23 @@ def _refill(bootstrap: str, topic: str) -> Refill:
     return read
 
 
+def _highwaters(app: faust.App, topic: str) -> dict[int, tuple[int | None, int | None]]:
+    """Per assigned partition of `topic`: its high-water mark and when the consumer last read
+    it (ms), from aiokafka's fetch responses (Faust exposes the first, not the second)."""
+    try:
+        consumer = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic == topic]
+    except Exception:  # not started, or between assignments
+        return {}
+    marks: dict[int, tuple[int | None, int | None]] = {}
+    for tp in assigned:
+        try:
+            marks[tp.partition] = (consumer.highwater(tp), consumer.last_poll_timestamp(tp))
+        except Exception:  # revoked meanwhile
+            continue
+    return marks
+
+
 def build_app(settings: Settings) -> faust.App:
     global _fetch_max_wait_ms
     _fetch_max_wait_ms = settings.fetch_max_wait_ms
@@ -155,7 +172,11 @@ def build_app(settings: Settings) -> faust.App:
     )
 
     def processor(
-        stage: Stage, tag: str, source: names.TopicSpec, part_prefix: str | None = None
+        stage: Stage,
+        tag: str,
+        source: names.TopicSpec,
+        part_prefix: str | None = None,
+        alignment: Alignment | None = None,
     ) -> StageProcessor:
         store = StageStore(
             redis_client,
@@ -173,12 +194,21 @@ def build_app(settings: Settings) -> faust.App:
             part_prefix=part_prefix,
             idle_seconds=idle,
             refill=_refill(bootstrap, source.name),
+            alignment=alignment,
         )
 
     grace = settings.grace_hours * 3600
     idle = settings.idle_hours * 3600
     ledger = processor(LedgerStage(grace), LEDGER_PART, names.BY_LEDGER, part_prefix=LEDGER_PART)
-    codes = processor(CodeStage(grace), CODE_PART, names.BY_CODE, part_prefix=CODE_PART)
+    aligned = settings.align_wait > 0
+    codes = processor(
+        CodeStage(grace),
+        CODE_PART,
+        names.BY_CODE,
+        part_prefix=CODE_PART,
+        alignment=Alignment(names.EVENTS.partitions, settings.align_wait) if aligned else None,
+    )
+    heartbeat_producer = OutputProducer(bootstrap) if aligned else None
     verdicts = processor(VerdictStage(), "V", names.VERDICT_PARTS)
     stage_topics = {
         names.BY_LEDGER.name: ledger,
@@ -230,6 +260,20 @@ def build_app(settings: Settings) -> faust.App:
             metrics.ASSIGNED.labels(spec.name).dec(gone)
         for topic_name, processor in stage_topics.items():
             processor.store.release(tp.partition for tp in revoked if tp.topic == topic_name)
+        ingest.forget(tp.partition for tp in revoked if tp.topic == names.EVENTS.name)
+
+    @app.timer(interval=settings.align_heartbeat)
+    async def routed_heartbeat() -> None:
+        if heartbeat_producer is None:
+            return
+        try:
+            caught_up = await ingest.caught_up(_highwaters(app, names.EVENTS.name))
+            await ingest.heartbeat(
+                heartbeat_producer,
+                {p: ms - settings.align_margin_ms for p, ms in caught_up.items()},
+            )
+        except Exception as exc:  # Redis or the broker away: the next beat tries again
+            log.debug("routed heartbeat failed: %r", exc)
 
     @app.task
     async def load_reference_data() -> None:

@@ -73,3 +73,21 @@ async def read_range_async(
     bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]]
 ) -> list[Raw]:
     return await asyncio.to_thread(read_range, bootstrap, topic, ranges)
+
+
+def read_in_input_order(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Raw]:
+    """Every message of `topic` in the order the code stage applies the input: by timestamp
+    (ms), then partition and offset (`streams.alignment`) - the order a replay of the input
+    topic follows to give the stream's verdicts."""
+    consumer = Consumer(client_config(bootstrap, **{"group.id": "tracewatch-backfill"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+        ranges = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            for p in partitions
+        }
+    finally:
+        consumer.close()
+    raws = read_range(bootstrap, topic, ranges, timeout)
+    raws.sort(key=lambda raw: (round(raw[2] * 1000), raw[0], raw[1]))
+    return raws

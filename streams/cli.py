@@ -129,6 +129,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 raise BadInput(f"{args.events} line {number}: not valid JSON ({exc})") from None
         messages.append((line, key))
     producer = OutputProducer(bootstrap)
+    producer.warm_up(names.EVENTS.name)
     # Keyed by institution: one institution's events stay in order in one partition.
     for value, key in messages:
         producer.produce(names.EVENTS.name, value, key)

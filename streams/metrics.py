@@ -38,6 +38,27 @@ STATE_GAPS = Counter(
     "read the gap back from Kafka",
     ["stage"],
 )
+ALIGN_HELD = Gauge(
+    "tracewatch_align_held_records",
+    "Records a stage holds until every input partition has been routed past them",
+    ["stage"],
+)
+ALIGN_REREAD = Counter(
+    "tracewatch_align_reread_messages_total",
+    "Stage messages read back on taking over a partition, whose records the previous owner "
+    "held unapplied when it stopped",
+    ["stage"],
+)
+ALIGN_LATE = Counter(
+    "tracewatch_align_late_records_total",
+    "Records that reached the code stage after a record stamped later was applied (input "
+    "timestamps out of order, or a wait that timed out): applied out of input order",
+)
+ALIGN_TIMED_OUT = Counter(
+    "tracewatch_align_timed_out_records_total",
+    "Records applied because they were held TRACEWATCH_ALIGN_WAIT_SECONDS while an input "
+    "partition was not routed past them (nobody owned it, or it stalled)",
+)
 PRODUCERS_REPLACED = Counter(
     "tracewatch_producers_replaced_total",
     "Output producers replaced after a fatal error (the idempotent producer's fatal state)",

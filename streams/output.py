@@ -83,6 +83,14 @@ class OutputProducer:
         self._fatal = False
         self.recreated = 0
 
+    def warm_up(self, topic: str, timeout: float = 30.0) -> None:
+        """Fetch the topic's metadata before the first send. A message's create-time stamp is
+        taken at `produce`; a cold producer holds its first messages about half a second while
+        it learns the cluster (and its idempotent id), so they reach the log stamped that much
+        before what came in meanwhile - on an input topic with create-time stamps, the code
+        stage's alignment then counts them late (`streams.alignment`)."""
+        self._producer.list_topics(topic, timeout=timeout)
+
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._fatal = True

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +45,12 @@ from detectors.stage import (
 )
 from detectors.verdicts import head_record, part_record
 from streams import metrics
+from streams.alignment import PartitionAligner
 from streams.output import OutputProducer
 from streams.redis_state import (
     IngestLoaded,
     IngestStore,
+    Loaded,
     PartitionLost,
     StageStore,
     merge_tops,
@@ -110,6 +112,7 @@ class Emitter:
         self._producer = producer
         self._packed: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         self._tops: dict[str, bytes] = {}
+        self._progress: dict[str, bytes] = {}
         self._detected_at: str | None = None  # one clock reading per batch, not per event
 
     def alerts(self, alerts: list[Alert]) -> None:
@@ -146,6 +149,14 @@ class Emitter:
         for p in range(topic.partitions):
             self._packed.setdefault((topic.name, p), [])
 
+    def progress(self, topic: names.TopicSpec, routed: dict[int, int]) -> None:
+        """Tell every partition of `topic` how far each input partition is routed (the latest
+        input timestamp handled, ms): the code stage applies records in input order by it
+        (`streams.alignment`)."""
+        self._progress[topic.name] = orjson.dumps({str(p): ts for p, ts in routed.items()})
+        for p in range(topic.partitions):
+            self._packed.setdefault((topic.name, p), [])
+
     def dead_letter(self, msg: Message, source: str, reason: str, detail: str) -> None:
         letter = dead_letter_record(msg.value, source, msg.partition, msg.offset, reason, detail)
         self._producer.produce(
@@ -155,26 +166,46 @@ class Emitter:
 
     async def flush(self) -> None:
         for (topic, partition), records in self._packed.items():
-            tops = self._tops.get(topic, b"null")
+            head = b'{"w":' + self._tops.get(topic, b"null")
+            progress = self._progress.get(topic)
             chunk: list[bytes] = []
             size = 0
             for raw in records:
                 if chunk and size + len(raw) > MAX_PACKED_BYTES:
-                    self._send(topic, partition, tops, chunk)
+                    self._send(topic, partition, head, chunk)
                     chunk, size = [], 0
                 chunk.append(raw)
                 size += len(raw) + 1
-            self._send(topic, partition, tops, chunk)
+            # progress rides on the last message only: it vouches for every record before it
+            if progress is not None:
+                head += b',"g":' + progress
+            self._send(topic, partition, head, chunk)
         self._packed.clear()
         self._tops.clear()
+        self._progress.clear()
         await self._producer.flush()
 
-    def _send(self, topic: str, partition: int, tops: bytes, records: list[bytes]) -> None:
-        value = b'{"w":' + tops + b',"r":[' + b",".join(records) + b"]}"
+    def _send(self, topic: str, partition: int, head: bytes, records: list[bytes]) -> None:
+        value = head + b',"r":[' + b",".join(records) + b"]}"
         self._producer.produce(topic, value, partition=partition)
 
 
 Refill = Callable[[dict[int, tuple[int, int]]], Awaitable[list[Message]]]
+
+
+def stamp_ms(timestamp: float) -> int:
+    """A Kafka message timestamp (seconds) as the integer milliseconds Kafka holds."""
+    return round(timestamp * 1000)
+
+
+def _latest_stamps(messages: list[Message]) -> dict[int, int]:
+    """The latest input timestamp (ms) handled per input partition."""
+    latest: dict[int, int] = {}
+    for msg in messages:
+        ts = stamp_ms(msg.timestamp)
+        if ts > latest.get(msg.partition, -(2**62)):
+            latest[msg.partition] = ts
+    return latest
 
 
 def _spans(messages: list[Message]) -> dict[int, tuple[int, int]]:
@@ -195,17 +226,28 @@ async def _with_gaps_refilled(
     spans: dict[int, tuple[int, int]],
     positions: dict[int, int | None],
     messages: list[Message],
+    holds: dict[int, int] | None = None,
 ) -> list[Message] | None:
     """The batch with the messages between each partition's saved position and the batch's
     first offset read back in front - or None when nothing is missing. A gap means Redis lost
-    writes whose offsets Kafka had already committed (state and position are saved together)."""
+    writes whose offsets Kafka had already committed (state and position are saved together).
+    `holds`: per partition, an earlier offset to read from because the records there were
+    held unapplied (`streams.alignment`): expected, so neither logged nor counted."""
     gaps = {
         p: (pos, spans[p][0])
         for p, pos in positions.items()
         if pos is not None and pos < spans[p][0]
     }
-    if not gaps or refill is None:
+    held = {p: (hold, spans[p][0]) for p, hold in (holds or {}).items() if hold < spans[p][0]}
+    if (not gaps and not held) or refill is None:
         return None
+    ranges = {**held}
+    for p, (pos, first) in gaps.items():
+        ranges[p] = (min(pos, ranges.get(p, (pos, first))[0]), first)
+    if held:
+        metrics.ALIGN_REREAD.labels(stage).inc(sum(end - start for start, end in held.values()))
+    if not gaps:
+        return [*await refill(ranges), *messages]
     for p, (pos, first) in gaps.items():
         log.warning(
             "%s partition %d: state saved up to offset %d but the batch starts at %d - Redis "
@@ -217,7 +259,7 @@ async def _with_gaps_refilled(
             first - pos,
         )
     metrics.STATE_GAPS.labels(stage).inc(len(gaps))
-    missing = await refill(gaps)
+    missing = await refill(ranges)
     return [*missing, *messages]
 
 
@@ -264,6 +306,9 @@ class IngestProcessor:
         self._catalog = catalog
         self._refill = refill  # reads input offsets back when Redis lost a batch's writes
         self._quota = daily_quota  # events accepted per institution per day; 0 = no limit
+        # per input partition, the offset after the last message routed and saved (what the
+        # caught-up heartbeat compares with the high-water mark); dropped when revoked
+        self.routed: dict[int, int] = {}
 
     async def process(self, messages: list[Message], refilled: bool = False) -> None:
         by_partition: dict[int, list[tuple[Message, Event]]] = defaultdict(list)
@@ -351,8 +396,9 @@ class IngestProcessor:
             lane = lane_of(event.institution)
             before: float | None = clock.own.get(event.institution)
             own = clock.observe(event.institution, lane, event.occurred_ts)
+            stamp = (stamp_ms(msg.timestamp), msg.partition, msg.offset)
             try:
-                self._route(event, catalog, ctx.view, out, own)
+                self._route(event, catalog, ctx.view, out, own, stamp)
             except Exception as exc:
                 if is_transient(exc):
                     raise  # the producer or Redis, not the event: the whole batch is redone
@@ -381,6 +427,8 @@ class IngestProcessor:
         if all_tops:
             out.tops(names.BY_CODE, all_tops)
             out.tops(names.BY_LEDGER, all_tops)
+        if messages:
+            out.progress(names.BY_CODE, _latest_stamps(messages))
         phase("apply")
         await out.flush()
         phase("flush")
@@ -400,6 +448,7 @@ class IngestProcessor:
             )
         )
         phase("save")
+        self._moved(spans)
         _observe_latency("ingest", messages)
 
     async def skip(self, msg: Message, error: BaseException) -> None:
@@ -407,11 +456,57 @@ class IngestProcessor:
         (`streams.retry`)."""
         out = Emitter(self._producer)
         out.dead_letter(msg, names.EVENTS.name, "processing_failed", repr(error))
+        out.progress(names.BY_CODE, _latest_stamps([msg]))
         await out.flush()
         await self._store.save(msg.partition, {}, {}, [], position=msg.offset + 1)
+        self._moved({msg.partition: (msg.offset, msg.offset)})
+
+    def _moved(self, spans: dict[int, tuple[int, int]]) -> None:
+        for p, (_first, last) in spans.items():
+            self.routed[p] = max(self.routed.get(p, 0), last + 1)
+
+    async def caught_up(
+        self, highwaters: dict[int, tuple[int | None, int | None]]
+    ) -> dict[int, int]:
+        """Of the input partitions given as (high-water mark, the time it was read in ms),
+        those whose every message is routed, with the time before which nothing new can come
+        (the read time; the caller takes off a margin for create-time stamps)."""
+        out: dict[int, int] = {}
+        for p, (highwater, read_ms) in highwaters.items():
+            if highwater is None or read_ms is None:
+                continue
+            routed = self.routed.get(p)
+            if routed is None:
+                # newly owned: what Redis holds is where the previous owner got to
+                routed = self.routed[p] = await self._store.position(p) or 0
+            if routed >= highwater:
+                out[p] = read_ms
+        return out
+
+    async def heartbeat(self, producer: OutputProducer, routed: dict[int, int]) -> None:
+        """Tell the code stage that these input partitions are routed up to these times while
+        no events come (their own batches tell it otherwise). Produced after every batch it
+        vouches for was delivered, by a producer of its own."""
+        if not routed:
+            return
+        out = Emitter(producer)
+        out.progress(names.BY_CODE, routed)
+        await out.flush()
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions revoked: another worker may route them meanwhile."""
+        for p in partitions:
+            self.routed.pop(p, None)
 
     @staticmethod
-    def _route(event: Event, catalog: Catalog, view: IngestView, out: Emitter, own: float) -> None:
+    def _route(
+        event: Event,
+        catalog: Catalog,
+        view: IngestView,
+        out: Emitter,
+        own: float,
+        stamp: tuple[int, int, int],
+    ) -> None:
         unresolved = event.type in ("void", "settlement_cancel")
         if unresolved and IngestView.lookups(event)[0] not in view.index:
             metrics.UNRESOLVED.labels(event.type).inc()
@@ -420,6 +515,7 @@ class IngestProcessor:
         for record in routed.ledger:
             out.record(names.BY_LEDGER, record["k"], record)
         for record in routed.codes:
+            record["s"] = stamp
             out.record(names.BY_CODE, record["k"], record)
         if routed.head is not None:
             vkey = join_key(event.institution, event.event_id)
@@ -429,6 +525,16 @@ class IngestProcessor:
                 lambda k: partition_of(k, names.BY_CODE.partitions),
             )
             out.record(names.VERDICT_PARTS, vkey, head_record(vkey, routed.head, expect))
+
+
+class Alignment:
+    """Settings of the code stage's alignment across input partitions (`streams.alignment`)."""
+
+    __slots__ = ("sources", "wait")
+
+    def __init__(self, sources: int, wait: float) -> None:
+        self.sources = sources  # input partitions
+        self.wait = wait  # seconds a record is held at most
 
 
 class StageProcessor:
@@ -442,6 +548,7 @@ class StageProcessor:
         part_prefix: str | None = None,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
         refill: Refill | None = None,
+        alignment: Alignment | None = None,
     ) -> None:
         self.stage = stage
         self.store = store
@@ -449,11 +556,32 @@ class StageProcessor:
         self._part_prefix = part_prefix  # stages that feed verdicts name their parts by this
         self._idle = idle_seconds
         self._refill = refill  # reads input offsets back when Redis lost a batch's writes
+        self._alignment = alignment
         # per owned partition, the lane tops stored there (this worker is its only writer)
         self._tops: dict[int, dict[int, tuple[float, float]]] = {}
+        # per owned partition, with alignment: the records held, and the offset after the last
+        # message taken in
+        self._held: dict[int, PartitionAligner] = {}
+        self._next: dict[int, int] = {}
+        self._memory_gen: dict[int, str] = {}  # the generation they belong to
+        self._late: dict[int, set[str]] = {}  # this batch's records stamped before one applied
+
+    def _forget_lost(self) -> None:
+        """Drop what this worker remembers of partitions it no longer owns - or owns again
+        under a new generation (another worker may have moved them on meanwhile)."""
+        generations = self.store.generations
+        for p in list(self._tops):
+            if p not in generations:
+                del self._tops[p]
+        for p, gen in list(self._memory_gen.items()):
+            if generations.get(p) != gen:
+                del self._memory_gen[p]
+                self._held.pop(p, None)
+                self._next.pop(p, None)
 
     async def process(self, messages: list[Message], refilled: bool = False) -> None:
-        by_partition: dict[int, list[Record]] = defaultdict(list)
+        # per partition, (offset, records, progress) of each message, in offset order
+        unpacked: dict[int, list[tuple[int, list[Record], dict[int, int]]]] = defaultdict(list)
         offered: dict[int, dict[int, tuple[float, float]]] = defaultdict(dict)
         poisoned: list[tuple[Message, Exception]] = []
         for msg in messages:
@@ -461,10 +589,11 @@ class StageProcessor:
                 packed = orjson.loads(msg.value)
                 records = packed["r"]
                 tops_offered = _tops_of(packed["w"])
+                progress = {int(k): int(v) for k, v in (packed.get("g") or {}).items()}
             except Exception as error:  # not ours or corrupt: it would fail the same way again
                 poisoned.append((msg, error))
                 continue
-            by_partition[msg.partition].extend(records)
+            unpacked[msg.partition].append((msg.offset, records, progress))
             for lane, pair in tops_offered.items():
                 merge_tops(offered[msg.partition], lane, pair)
         spans = _spans(messages)
@@ -472,10 +601,9 @@ class StageProcessor:
         for p in spans.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
             metrics.PARTITIONS_LOST.inc()
-        for p in list(self._tops):
-            if p not in self.store.generations:
-                del self._tops[p]
+        self._forget_lost()
         phase = _Phases(self.stage.name)
+        by_partition = self._take_in(owned, unpacked)
         frames: dict[int, dict[int, tuple[float, float]]] = {}
         for p in owned:
             known = dict(self._tops.get(p, {}))
@@ -497,16 +625,28 @@ class StageProcessor:
         if not refilled:
             positions = {p: batch.position for p, batch in zip(owned, loaded, strict=True)}
             whole = await _with_gaps_refilled(
-                self.stage.name, self._refill, spans, positions, messages
+                self.stage.name,
+                self._refill,
+                spans,
+                positions,
+                messages,
+                self._holds(loaded, owned, spans),
             )
             if whole is not None:
                 return await self.process(whole, refilled=True)
         out = Emitter(self._producer)
         for msg, problem in poisoned:
             out.dead_letter(msg, f"{self.stage.name}-stage", "processing_failed", repr(problem))
+        # partition, states, applied ids, raised lane tops, due lanes before, position, hold
         saves: list[
             tuple[
-                int, dict[str, Any], list[str], dict[int, tuple[float, float]], dict[str, int], int
+                int,
+                dict[str, Any],
+                list[str],
+                dict[int, tuple[float, float]],
+                dict[str, int],
+                int,
+                int | None,
             ]
         ] = []
         for p, batch in zip(owned, loaded, strict=True):
@@ -534,6 +674,18 @@ class StageProcessor:
                     "processing_failed",
                     repr(failure),
                 )
+            late = self._late.pop(p, None)
+            if late:  # redeliveries of what was applied are not late
+                really = late.intersection(new_ids)
+                metrics.ALIGN_LATE.inc(len(really))
+                if really:
+                    log.info(
+                        "%s%d: %d records applied out of input order (create-time stamps "
+                        "behind by more than TRACEWATCH_ALIGN_MARGIN_MS, or a wait ran out)",
+                        self.store.tag,
+                        p,
+                        len(really),
+                    )
             metrics.RECORDS.labels(self.stage.name).inc(len(new_ids))
             metrics.REDELIVERED.labels(self.stage.name).inc(len(records) - len(new_ids))
             new = set(new_ids)
@@ -541,8 +693,11 @@ class StageProcessor:
             fired = fire_due(self.stage, [*batch.due, *touched], state, frame, result)
             metrics.FIRED.labels(self.stage.name).inc(len(fired))
             position = spans[p][1] + 1
+            hold = self._hold(p, position, len(records))
             if not new_ids and not fired and not raised and not batch.due:
-                saves.append((p, {}, [], {}, {}, position))  # the position moves all the same
+                # the position moves all the same
+                saves.append((p, {}, [], {}, {}, position, hold))
+                continue
                 continue
             out.alerts(result.alerts)
             out.verdicts(result.verdicts)
@@ -554,26 +709,98 @@ class StageProcessor:
             # their state (a receipt may have cleared the check, a void removed the state)
             keys = touched.union(fired, batch.due)
             saves.append(
-                (p, {k: state.get(k, {}) for k in keys}, new_ids, raised, lanes_before, position)
+                (
+                    p,
+                    {k: state.get(k, {}) for k in keys},
+                    new_ids,
+                    raised,
+                    lanes_before,
+                    position,
+                    hold,
+                )
             )
         phase("apply")
         await out.flush()
         phase("flush")
         results = await asyncio.gather(
             *(
-                self.store.save(p, s, ids, w, lanes, position)
-                for p, s, ids, w, lanes, position in saves
+                self.store.save(p, s, ids, w, lanes, position, hold)
+                for p, s, ids, w, lanes, position, hold in saves
             ),
             return_exceptions=True,
         )
         phase("save")
-        for outcome in results:
+        save_error: BaseException | None = None
+        for (p, *_rest), outcome in zip(saves, results, strict=True):
             if isinstance(outcome, PartitionLost):
                 log.warning("%s", outcome)
                 metrics.PARTITIONS_LOST.inc()
             elif isinstance(outcome, BaseException):
-                raise outcome
+                save_error = save_error or outcome
+            else:
+                self._saved_at(p, spans[p][1] + 1, by_partition[p])
+        if save_error is not None:
+            raise save_error
         _observe_latency(self.stage.name, messages)
+
+    def _take_in(
+        self, owned: list[int], unpacked: dict[int, list[tuple[int, list[Record], dict[int, int]]]]
+    ) -> dict[int, list[Record]]:
+        """The records to apply now per partition: all of them, or with alignment the held
+        records every input partition has passed (`streams.alignment`), in stamp order."""
+        if self._alignment is None:
+            return {p: [r for _, records, _ in unpacked[p] for r in records] for p in owned}
+        now = time.monotonic()
+        wait = self._alignment.wait
+        ready: dict[int, list[Record]] = {}
+        self._late.clear()
+        for p in owned:
+            held = self._held.get(p)
+            if held is None:
+                held = self._held[p] = PartitionAligner(self._alignment.sources)
+                self._memory_gen[p] = self.store.generations[p]
+            for offset, records, progress in unpacked[p]:
+                for record in records:
+                    held.offer(record, offset, now)
+                held.advance(progress)
+            ready[p], late, timed_out = held.ready(now, wait)
+            if late:
+                self._late[p] = late
+            if timed_out:
+                metrics.ALIGN_TIMED_OUT.inc(timed_out)
+        metrics.ALIGN_HELD.labels(self.stage.name).set(
+            sum(len(h) for h in self._held.values()) - sum(map(len, ready.values()))
+        )
+        return ready
+
+    def _holds(
+        self, loaded: list[Loaded], owned: list[int], spans: dict[int, tuple[int, int]]
+    ) -> dict[int, int]:
+        """Per partition this worker's memory does not cover (newly owned), the oldest message
+        whose records the previous owner held unapplied: read back, as a restart must."""
+        if self._alignment is None:
+            return {}
+        return {
+            p: batch.hold
+            for p, batch in zip(owned, loaded, strict=True)
+            if p not in self._next and batch.hold is not None and batch.hold < spans[p][0]
+        }
+
+    def _hold(self, p: int, after: int, applying: int) -> int | None:
+        """The hold to save: the oldest message still holding records once `applying` of them
+        are applied, else `after`."""
+        held = self._held.get(p)
+        if held is None:
+            return None
+        oldest = held.oldest_offset(skip=applying)
+        return after if oldest is None else oldest
+
+    def _saved_at(self, p: int, after: int, applied: list[Record]) -> None:
+        held = self._held.get(p)
+        if held is None:
+            return
+        held.take(applied)
+        self._next[p] = max(self._next.get(p, 0), after)
 
     async def skip(self, msg: Message, error: BaseException) -> None:
         """Dead-letter a message that fails alone, every time, and move past it
@@ -582,7 +809,15 @@ class StageProcessor:
         out.dead_letter(msg, f"{self.stage.name}-stage", "processing_failed", repr(error))
         await out.flush()
         if msg.partition in self.store.generations:
-            await self.store.save(msg.partition, {}, [], position=msg.offset + 1)
+            held = self._held.get(msg.partition)
+            hold = None
+            if held is not None:
+                held.drop_offset(msg.offset)
+                hold = held.oldest_offset()
+                hold = msg.offset + 1 if hold is None else hold
+            await self.store.save(msg.partition, {}, [], position=msg.offset + 1, hold=hold)
+            if held is not None:
+                self._saved_at(msg.partition, msg.offset + 1, [])
 
 
 class _Phases:

@@ -48,7 +48,8 @@ _DAY = 86400
 # KEYS: applied day sets (n_sets), one bucket hash per field, the lane tops hash.
 # ARGV: n_sets, n_ids, ids..., fields..., n_marks, (lane, effective time) pairs, due limit, base.
 # Returns: applied flags (n_ids), field values (false when absent), the stored lane tops as a
-# flat lane/"first,second" list, the saved position (false when none), then (lane, member, value) triples for the keys due in each
+# flat lane/"first,second" list, the saved position and hold (false when none), then (lane,
+# member, value) triples for the keys due in each
 # lane by the effective time given for it: `<base>:due:<lane>` sorted sets.
 _LOAD = """
 local n_sets = tonumber(ARGV[1])
@@ -73,6 +74,7 @@ local n_marks = tonumber(ARGV[a + 1])
 local limit = tonumber(ARGV[a + 2 * n_marks + 2])
 local prefix = ARGV[a + 2 * n_marks + 3]
 out[#out + 1] = redis.call('GET', prefix .. ':pos')
+out[#out + 1] = redis.call('GET', prefix .. ':hold')
 for i = 1, n_marks do
   local lane, w = ARGV[a + 2 * i], ARGV[a + 2 * i + 1]
   local due = redis.call('ZRANGEBYSCORE', prefix .. ':due:' .. lane, '-inf', w, 'LIMIT', 0, limit)
@@ -115,7 +117,9 @@ end
 
 # KEYS: gen key, today's applied set, lane tops hash, then one bucket hash per field.
 # ARGV: generation, ttl, n_ids, ids..., n_lanes, (lane, tops) pairs, base, position ('' = keep),
-# field ttl (seconds; 0 = none - needs Redis >= 7.4's HEXPIRE, ignored before), then per field (field, value ('' = delete), due-index member, due ('' = not due), lane,
+# field ttl (seconds; 0 = none - needs Redis >= 7.4's HEXPIRE, ignored before), hold ('' =
+# keep: the oldest message whose records the stage still holds, `streams.alignment`), then per
+# field (field, value ('' = delete), due-index member, due ('' = not due), lane,
 # previous lane).
 _SAVE = (
     _MERGE_TOPS
@@ -132,7 +136,8 @@ end
 local prefix = ARGV[5 + n_ids + 2 * n_lanes]
 raise_position(prefix .. ':pos', ARGV[6 + n_ids + 2 * n_lanes])
 local field_ttl = tonumber(ARGV[7 + n_ids + 2 * n_lanes])
-local base = 7 + n_ids + 2 * n_lanes
+raise_position(prefix .. ':hold', ARGV[8 + n_ids + 2 * n_lanes])
+local base = 8 + n_ids + 2 * n_lanes
 for j = 4, #KEYS do
   local at = base + 6 * (j - 4)
   local f, v, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
@@ -337,6 +342,11 @@ class IngestStore:
             f"{base}:count:{day_number()}",
         ]
 
+    async def position(self, partition: int) -> int | None:
+        """The offset after the last input message of `partition` whose effects are saved."""
+        raw = await self._client.get(f"{self._base(partition)}:pos")
+        return None if raw is None else int(raw)
+
     async def load(
         self,
         partition: int,
@@ -427,7 +437,7 @@ from streams.codecs import Codec  # noqa: E402  (re-exported for callers)
 class Loaded:
     """One partition's batch state as `StageStore.load` found it."""
 
-    __slots__ = ("applied", "due", "position", "state", "tops")
+    __slots__ = ("applied", "due", "hold", "position", "state", "tops")
 
     def __init__(
         self,
@@ -436,12 +446,14 @@ class Loaded:
         tops: dict[int, tuple[float, float]],
         due: dict[str, int],
         position: int | None = None,
+        hold: int | None = None,
     ) -> None:
         self.state = state
         self.applied = applied
         self.tops = tops  # the lanes' tops stored for the partition
         self.due = due
         self.position = position  # offset after the last message whose effects are saved
+        self.hold = hold  # the oldest message whose records were held unapplied at the save
 
 
 class StageStore:
@@ -535,15 +547,22 @@ class StageStore:
         }
         flat = reply[n_ids + n_keys]
         tops = {int(lane): parse_tops(v) for lane, v in zip(flat[::2], flat[1::2], strict=True)}
-        position = reply[n_ids + n_keys + 1]
+        position, hold = reply[n_ids + n_keys + 1], reply[n_ids + n_keys + 2]
         due: dict[str, int] = {}  # key -> the lane's index it was found in
-        rest = reply[n_ids + n_keys + 2 :]
+        rest = reply[n_ids + n_keys + 3 :]
         for lane, member, raw in zip(rest[::3], rest[1::3], rest[2::3], strict=True):
             key = self._codec.unfield(member.split(b"|", 1)[1])
             due[key] = int(lane)
             if raw is not None and key not in state:
                 state[key] = unpack(raw)
-        return Loaded(state, applied, tops, due, None if position is None else int(position))
+        return Loaded(
+            state,
+            applied,
+            tops,
+            due,
+            None if position is None else int(position),
+            None if hold is None else int(hold),
+        )
 
     async def save(
         self,
@@ -553,10 +572,13 @@ class StageStore:
         tops: dict[int, tuple[float, float]] | None = None,
         previous_lanes: dict[str, int] | None = None,
         position: int | None = None,
+        hold: int | None = None,
     ) -> None:
         """Write states, applied ids, raised lane tops and the position (the offset after the
         batch's last message) - if this worker still owns the partition. `previous_lanes`: the
-        due lane each key had when loaded, so its entry moves when its lane changes."""
+        due lane each key had when loaded, so its entry moves when its lane changes. `hold`:
+        the oldest message whose records stay held unapplied (`streams.alignment`), where a new
+        owner reads from."""
         gen = self.generations.get(partition)
         if gen is None:
             raise PartitionLost(f"{self.tag}{partition} is not owned by this worker")
@@ -568,6 +590,7 @@ class StageStore:
         for lane, (first, second) in raised.items():
             args += [lane, tops_text(first, second)]
         args += [base, "" if position is None else position, self._field_ttl]
+        args.append("" if hold is None else hold)
         previous = previous_lanes or {}
         for key, value in state.items():
             bucket = self._bucket_no(key)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from topics.names import PREFIX, all_topics
+from topics.names import EVENTS, PREFIX, TopicSpec, all_topics
 
 
 def docker_available() -> bool:
@@ -38,6 +38,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def topic_config(spec: TopicSpec) -> dict[str, str]:
+    """A topic's settings. The input topic's timestamps are the broker's (`LogAppendTime`):
+    the code stage applies input in timestamp order and takes a caught-up partition's
+    high-water read time as a bound, which only a broker-set time makes exact
+    (`streams.alignment`)."""
+    config = {"cleanup.policy": spec.cleanup_policy}
+    if spec.name.endswith(EVENTS.name[len(PREFIX) :]):
+        config["message.timestamp.type"] = "LogAppendTime"
+    return config
+
+
 def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -> list[str]:
     """Create every topic of `topics.names` through the admin API (real Kafka); existing ones
     are left as they are. Returns the names created."""
@@ -53,7 +64,7 @@ def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -
             spec.name,
             num_partitions=spec.partitions,
             replication_factor=-1,  # the broker's default
-            config={"cleanup.policy": spec.cleanup_policy},
+            config=topic_config(spec),
         )
         for spec in all_topics(prefix)
         if spec.name not in existing

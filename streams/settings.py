@@ -16,6 +16,9 @@
 | `TRACEWATCH_GRACE_HOURS` | `72` | Event time NO_PROVENANCE waits for a late receipt before it fires. |
 | `TRACEWATCH_APPLIED_TTL_DAYS` | `2` | How long stages remember applied record ids (redelivery after a crash or rebalance). |
 | `TRACEWATCH_CODE_STATE_TTL_DAYS` | `1100` | A code's state expires this long after its last change (a box is in date for at most about three years; 0 = never). Needs Redis >= 7.4 (per-field HEXPIRE); older servers keep every code. |
+| `TRACEWATCH_ALIGN_WAIT_SECONDS` | `60` | Longest the code stage holds a record until every input partition has been routed past it (`streams.alignment`): verdicts then depend only on what reached the input topic before the settlement, live, after a crash and in replay of the topic. It only runs out when an input partition has no live owner (a dead worker before the group moves its partitions): set it above the session timeout plus a restart. 0: no alignment (records applied as they arrive). |
+| `TRACEWATCH_ALIGN_HEARTBEAT_SECONDS` | `0.2` | How often ingest tells the code stage that its caught-up input partitions have nothing new: the latency alignment adds to a live verdict is about this plus the margin. |
+| `TRACEWATCH_ALIGN_MARGIN_MS` | `1000` | Taken off a caught-up input partition's high-water read time before it vouches that nothing earlier can come. With create-time stamps (the producer's clock, taken at `produce`) it must cover how long a producer holds a message before the log has it: linger, retries, a busy broker (the embedded one held bursts about 0.5 s). `tracewatch topics` gives the input topic broker-set `LogAppendTime` stamps; then 100 covers the clocks of brokers and workers, and live verdicts wait that much less. |
 | `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
 | `TRACEWATCH_CATALOG` | (none) | Catalog JSONL loaded into Redis at worker start (else the cached catalog is used). |
 | `TRACEWATCH_LOG_LEVEL` | `WARNING` | Worker log level. |
@@ -86,6 +89,15 @@ class Settings:
     )
     applied_ttl_days: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_APPLIED_TTL_DAYS", 2)
+    )
+    align_wait: float = field(
+        default_factory=lambda: _env_float("TRACEWATCH_ALIGN_WAIT_SECONDS", 60.0)
+    )
+    align_heartbeat: float = field(
+        default_factory=lambda: _env_float("TRACEWATCH_ALIGN_HEARTBEAT_SECONDS", 0.2)
+    )
+    align_margin_ms: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_ALIGN_MARGIN_MS", 1000)
     )
     state_buckets: int = field(default_factory=lambda: _env_int("TRACEWATCH_STATE_BUCKETS", 1024))
     catalog_path: str | None = field(default_factory=lambda: os.environ.get("TRACEWATCH_CATALOG"))
