@@ -9,6 +9,8 @@ Cluster slot):
     {prefix}:{<S><p>}:wm           hash: lane -> "first,second" latest own times (event time)
     {prefix}:{<S><p>}:due:<lane>   sorted set: `<bucket>|<field>` by the event time it waits for
     {prefix}:{<S><p>}:pos          the offset after the last message whose effects are saved
+    {prefix}:{<S><p>}:hold         code stage: the oldest message whose records were still held
+                                   unapplied (`streams.alignment`): a new owner reads from here
     {prefix}:{E<p>}:seen:<day>     hash: idempotency key -> content digest, seen at ingest
     {prefix}:{E<p>}:ix:<day>       hash: index of events/settlements for voids and cancellations
     {prefix}:{E<p>}:receivers      set: institutions that record codes on what they receive
