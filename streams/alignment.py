@@ -161,9 +161,3 @@ class PartitionAligner:
         if not skip:
             return min(self._offsets) if self._offsets else None
         return min((entry[2] for entry in self._held[skip:]), default=None)
-
-    def oldest_wait(self, now: float) -> float:
-        for arrived, _stamp, rid in self._arrivals:
-            if rid in self._ids:
-                return now - arrived
-        return 0.0

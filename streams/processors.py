@@ -564,7 +564,6 @@ class StageProcessor:
         self._held: dict[int, PartitionAligner] = {}
         self._next: dict[int, int] = {}
         self._memory_gen: dict[int, str] = {}  # the generation they belong to
-        self._late: dict[int, set[str]] = {}  # this batch's records stamped before one applied
 
     def _forget_lost(self) -> None:
         """Drop what this worker remembers of partitions it no longer owns - or owns again
@@ -603,7 +602,7 @@ class StageProcessor:
             metrics.PARTITIONS_LOST.inc()
         self._forget_lost()
         phase = _Phases(self.stage.name)
-        by_partition = self._take_in(owned, unpacked)
+        by_partition, late_by_partition = self._take_in(owned, unpacked)
         frames: dict[int, dict[int, tuple[float, float]]] = {}
         for p in owned:
             known = dict(self._tops.get(p, {}))
@@ -674,7 +673,7 @@ class StageProcessor:
                     "processing_failed",
                     repr(failure),
                 )
-            late = self._late.pop(p, None)
+            late = late_by_partition.get(p)
             if late:  # redeliveries of what was applied are not late
                 really = late.intersection(new_ids)
                 metrics.ALIGN_LATE.inc(len(really))
@@ -745,15 +744,16 @@ class StageProcessor:
 
     def _take_in(
         self, owned: list[int], unpacked: dict[int, list[tuple[int, list[Record], dict[int, int]]]]
-    ) -> dict[int, list[Record]]:
+    ) -> tuple[dict[int, list[Record]], dict[int, set[str]]]:
         """The records to apply now per partition: all of them, or with alignment the held
-        records every input partition has passed (`streams.alignment`), in stamp order."""
+        records every input partition has passed (`streams.alignment`), in stamp order; and
+        per partition the ids among them stamped before a record already applied."""
         if self._alignment is None:
-            return {p: [r for _, records, _ in unpacked[p] for r in records] for p in owned}
+            return {p: [r for _, records, _ in unpacked[p] for r in records] for p in owned}, {}
         now = time.monotonic()
         wait = self._alignment.wait
         ready: dict[int, list[Record]] = {}
-        self._late.clear()
+        late_ids: dict[int, set[str]] = {}
         for p in owned:
             held = self._held.get(p)
             if held is None:
@@ -765,13 +765,13 @@ class StageProcessor:
                 held.advance(progress)
             ready[p], late, timed_out = held.ready(now, wait)
             if late:
-                self._late[p] = late
+                late_ids[p] = late
             if timed_out:
                 metrics.ALIGN_TIMED_OUT.inc(timed_out)
         metrics.ALIGN_HELD.labels(self.stage.name).set(
             sum(len(h) for h in self._held.values()) - sum(map(len, ready.values()))
         )
-        return ready
+        return ready, late_ids
 
     def _holds(
         self, loaded: list[Loaded], owned: list[int], spans: dict[int, tuple[int, int]]
