@@ -1,13 +1,23 @@
-"""The Faust app: consumer group, agents, timer and web view around the batch processors.
+"""The worker: the data plane on confluent-kafka consumers, Faust around it.
 
     events --ingest--+--> by-ledger --ledger--+--> verdict-parts --verdict--> verdicts
        |             +--> by-code ----code----+
        |             +--> verdict-parts (heads)     ledger, code --> alerts
        +--> alerts, dead-letters
 
-Faust owns what it does well - group membership, partition assignment, agents, timers, the web
-server. Per-key state is not in Faust Tables (one changelog message per write caps a worker at
-~5,000 updates/s, see PERFORMANCE.md); it is in Redis, a batch at a time (`streams.processors`).
+What runs where:
+- **Data plane** (`streams.consumer`): one confluent-kafka consumer per stage, each in its own
+  group (`<app id>-ingest`, `-ledger`, `-code`, `-verdict`), reads a batch with one
+  `consume(n, timeout)` call on a thread of its own and hands it to the stage's batch processor
+  (`streams.processors`) on the event loop; the group's rebalance callbacks acquire and release
+  the partitions' generations in Redis between two batches. Faust's per-message path cost ~290
+  us a message (PERFORMANCE.md); this one a few.
+- **Faust** owns the worker's life cycle (start, signals, orderly stop: each consumer finishes
+  its batch, commits and leaves its group), the timers (the code stage's alignment heartbeat,
+  the catalog refresh), the start-up task that loads the catalog, and the web server
+  (`/metrics`). Its consumer reads only its own leader-election topic.
+- **Redis** holds per-key state, a batch at a time (Faust Tables cap a worker at ~5,000 updates
+  a second, see PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -21,8 +31,6 @@ from typing import Any
 
 import faust
 from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance
-from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
 from prometheus_client import generate_latest
 
 from detectors.code_state import CodeStage
@@ -33,31 +41,19 @@ from detectors.verdicts import VerdictStage
 from streams import gc_tuning, metrics
 from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
+from streams.consumer import BatchConsumer, Partitions, consumer_config
 from streams.kafka_config import faust_credentials
 from streams.output import OutputProducer
 from streams.processors import Alignment, IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
 from streams.reference import CatalogCache
-from streams.retry import run_batch
 from streams.settings import Settings
 from topics import names
 
 log = logging.getLogger("tracewatch.worker")
 
-_fetch_max_wait_ms = 20
-_original_create_worker_consumer = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
-
-
-def _create_worker_consumer(self: Any, transport: Any) -> Any:
-    # Faust hard-codes fetch_max_wait_ms=1500. The embedded broker holds an empty fetch for the
-    # full wait even when data arrives, which left workers idle half the time; real Kafka
-    # answers as soon as data is there, so a short wait costs it only a few more empty fetches.
-    consumer = _original_create_worker_consumer(self, transport)
-    consumer._fetch_max_wait_ms = _fetch_max_wait_ms
-    return consumer
-
-
-faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
+# How long a stopping worker lets the batches in flight finish.
+STOP_GRACE_SECONDS = 5.0
 
 _original_on_join_leader = CoordinatorGroupRebalance._on_join_leader
 
@@ -69,15 +65,6 @@ async def _on_join_leader_after_followers(self: Any, response: Any) -> Any:
     # before the next election. Followers send theirs at once, so the leader waits a moment.
     await asyncio.sleep(0.5)
     return await _original_on_join_leader(self, response)
-
-
-_INPUTS = (names.EVENTS, names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS)
-
-
-def _messages(events: Any) -> list[Message]:
-    return [
-        Message(e.message.partition, e.message.offset, e.message.timestamp, e.value) for e in events
-    ]
 
 
 async def _until_done(
@@ -106,26 +93,7 @@ def _refill(bootstrap: str, topic: str) -> Refill:
     return read
 
 
-def _highwaters(app: faust.App, topic: str) -> dict[int, tuple[int | None, int | None]]:
-    """Per assigned partition of `topic`: its high-water mark and when the consumer last read
-    it (ms), from aiokafka's fetch responses (Faust exposes the first, not the second)."""
-    try:
-        consumer = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        assigned = [tp for tp in app.consumer.assignment() if tp.topic == topic]
-    except Exception:  # not started, or between assignments
-        return {}
-    marks: dict[int, tuple[int | None, int | None]] = {}
-    for tp in assigned:
-        try:
-            marks[tp.partition] = (consumer.highwater(tp), consumer.last_poll_timestamp(tp))
-        except Exception:  # revoked meanwhile
-            continue
-    return marks
-
-
 def build_app(settings: Settings) -> faust.App:
-    global _fetch_max_wait_ms
-    _fetch_max_wait_ms = settings.fetch_max_wait_ms
     if settings.embedded_broker:
         CoordinatorGroupRebalance._on_join_leader = _on_join_leader_after_followers
     bootstrap = settings.require_kafka()
@@ -137,8 +105,11 @@ def build_app(settings: Settings) -> faust.App:
         # The embedded broker has no topic admin API: every topic is created beforehand
         # (`tracewatch topics` or the broker host), on real Kafka too, from `topics.names`.
         topic_allow_declare=False,
+        # Faust's consumer reads only its leader-election topic (one idle partition; Faust
+        # will not run without a subscription): the data plane reads the rest.
         topic_disable_leader=False,
-        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=settings.session_timeout / 5,
         web_port=settings.web_port,
         web_host=settings.web_host,
         # Faust's own views read tables and routing state without authentication: off. The
@@ -147,13 +118,6 @@ def build_app(settings: Settings) -> faust.App:
         web_tables_enabled=False,
         web_graph_enabled=False,
         web_stats_enabled=False,
-        producer_linger_ms=5,
-        producer_compression_type="lz4",
-        stream_buffer_maxsize=65536,
-        broker_max_poll_records=settings.batch_size * 2,
-        consumer_max_fetch_size=8 * 1024 * 1024,
-        broker_session_timeout=settings.session_timeout,
-        broker_heartbeat_interval=settings.session_timeout / 5,
         value_serializer="raw",
         key_serializer="raw",
         # No Faust tables are used; a private datadir keeps two workers on one host apart.
@@ -210,64 +174,112 @@ def build_app(settings: Settings) -> faust.App:
     )
     heartbeat_producer = OutputProducer(bootstrap) if aligned else None
     verdicts = processor(VerdictStage(), "V", names.VERDICT_PARTS)
-    stage_topics = {
-        names.BY_LEDGER.name: ledger,
-        names.BY_CODE.name: codes,
-        names.VERDICT_PARTS.name: verdicts,
-    }
 
-    def topic(spec: names.TopicSpec) -> Any:
-        return app.topic(spec.name, partitions=spec.partitions, value_serializer="raw")
+    def consumer(
+        stage: str,
+        spec: names.TopicSpec,
+        process: Callable[[list[Message]], Awaitable[None]],
+        skip: Callable[[Message, BaseException], Awaitable[None]],
+        assigned: Partitions,
+        revoked: Partitions,
+    ) -> BatchConsumer:
+        config = consumer_config(
+            bootstrap,
+            names.group_of(stage),
+            settings.session_timeout,
+            settings.fetch_max_wait_ms,
+        )
+        return BatchConsumer(
+            stage,
+            spec.name,
+            config,
+            process,
+            skip,
+            assigned,
+            revoked,
+            settings.batch_size,
+            settings.batch_within,
+        )
 
-    @app.agent(topic(names.EVENTS), name="ingest")
-    async def ingest_agent(stream: Any) -> None:
-        await catalog.ready.wait()
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await run_batch("ingest", ingest.process, _messages(events), ingest.skip)
-
-    @app.agent(topic(names.BY_LEDGER), name="ledger")
-    async def ledger_agent(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await run_batch("ledger", ledger.process, _messages(events), ledger.skip)
-
-    @app.agent(topic(names.BY_CODE), name="code")
-    async def code_agent(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await run_batch("code", codes.process, _messages(events), codes.skip)
-
-    @app.agent(topic(names.VERDICT_PARTS), name="verdict")
-    async def verdict_agent(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within):
-            await run_batch("verdict", verdicts.process, _messages(events), verdicts.skip)
-
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
-        for spec in _INPUTS:
-            metrics.ASSIGNED.labels(spec.name).set(sum(tp.topic == spec.name for tp in assigned))
-        for topic_name, processor in stage_topics.items():
-            mine = {tp.partition for tp in assigned if tp.topic == topic_name}
-            held = set(processor.store.generations)
-            processor.store.release(held - mine)
+    def fenced(topic_name: str, owner: StageProcessor) -> tuple[Any, Any]:
+        async def assigned(partitions: list[int]) -> None:
             await _until_done(
                 f"take over {topic_name} partitions",
-                functools.partial(processor.store.acquire, sorted(mine - held)),
+                functools.partial(owner.store.acquire, partitions),
             )
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
-        for spec in _INPUTS:
-            gone = sum(1 for tp in revoked if tp.topic == spec.name)
-            metrics.ASSIGNED.labels(spec.name).dec(gone)
-        for topic_name, processor in stage_topics.items():
-            processor.store.release(tp.partition for tp in revoked if tp.topic == topic_name)
-        ingest.forget(tp.partition for tp in revoked if tp.topic == names.EVENTS.name)
+        async def revoked(partitions: list[int]) -> None:
+            owner.store.release(partitions)
+
+        return assigned, revoked
+
+    async def ingest_assigned(partitions: list[int]) -> None:
+        return None
+
+    async def ingest_revoked(partitions: list[int]) -> None:
+        ingest.forget(partitions)
+
+    ingest_consumer = consumer(
+        "ingest", names.EVENTS, ingest.process, ingest.skip, ingest_assigned, ingest_revoked
+    )
+    consumers = [ingest_consumer]
+    for stage_name, spec, stage_processor in (
+        ("ledger", names.BY_LEDGER, ledger),
+        ("code", names.BY_CODE, codes),
+        ("verdict", names.VERDICT_PARTS, verdicts),
+    ):
+        consumers.append(
+            consumer(
+                stage_name,
+                spec,
+                stage_processor.process,
+                stage_processor.skip,
+                *fenced(spec.name, stage_processor),
+            )
+        )
+    running: list[asyncio.Task[None]] = []
+
+    async def ingest_when_ready() -> None:
+        # Ingest routes with the catalog: no input partition is taken before it is loaded.
+        await catalog.ready.wait()
+        await ingest_consumer.run()
+
+    @app.task
+    async def data_plane() -> None:
+        running.append(asyncio.ensure_future(ingest_when_ready()))
+        running.extend(asyncio.ensure_future(c.run()) for c in consumers[1:])
+        await asyncio.gather(*running)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def stop_data_plane(sender: Any, **kwargs: Any) -> None:
+        for c in consumers:
+            c.stop()
+        if not running:
+            return
+        # each finishes its batch, commits and leaves its group; a batch still retrying an
+        # outage after the grace is cancelled (not committed: redone by the next owner)
+        _done, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     @app.timer(interval=settings.align_heartbeat)
     async def routed_heartbeat() -> None:
         if heartbeat_producer is None:
             return
         try:
-            caught_up = await ingest.caught_up(_highwaters(app, names.EVENTS.name))
+            mine = ingest_consumer.assignment
+            # only partitions routed up to their last fetch's high-water mark are asked about
+            candidates = [
+                p
+                for p in mine
+                if (high := ingest_consumer.cached_highwater(p)) is not None
+                and ingest.routed.get(p, 0) >= high
+            ]
+            fresh = await ingest_consumer.highwaters(
+                sorted({p for p in mine if p not in ingest.routed}.union(candidates))
+            )
+            caught_up = await ingest.caught_up(fresh)
             await ingest.heartbeat(
                 heartbeat_producer,
                 {p: ms - settings.align_margin_ms for p, ms in caught_up.items()},

@@ -109,3 +109,14 @@ ASSIGNED = Gauge(
     "Partitions of each input topic this worker holds: zero everywhere means it is not working",
     ["topic"],
 )
+CONSUMER_ERRORS = Counter(
+    "tracewatch_consumer_errors_total",
+    "Errors a data-plane consumer reported (a broker away, a partition moving); it recovers",
+    ["stage"],
+)
+CONSUMER_LAG = Gauge(
+    "tracewatch_consumer_lag_messages",
+    "Messages of each topic written but not yet processed by this worker (its partitions, as of "
+    "its last batch on each): growing means the workers fall behind",
+    ["topic"],
+)

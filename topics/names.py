@@ -63,6 +63,15 @@ INSTITUTIONS = _t(
 )
 
 APP_ID = os.environ.get("TRACEWATCH_APP_ID", f"{PREFIX}-worker")
+STAGES = ("ingest", "ledger", "code", "verdict")
+
+
+def group_of(stage: str) -> str:
+    """The consumer group of one stage's data-plane consumers (`streams.consumer`): a group per
+    stage, so one stage's rebalance never pauses another."""
+    return f"{APP_ID}-{stage}"
+
+
 # Faust's leader-election topic; librdkafka's built-in cluster has no topic admin API, so every
 # topic Faust would declare itself must be created up front.
 ASSIGNOR_LEADER = TopicSpec(

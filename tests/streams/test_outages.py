@@ -29,6 +29,14 @@ def _sale(n: int, institution: str, code: str) -> bytes:
     )
 
 
+def _holds_stage_partitions(metrics: str, prefix: str) -> bool:
+    """Whether the worker's metrics show partitions of the code stage's topic assigned."""
+    for line in metrics.splitlines():
+        if line.startswith(f'tracewatch_assigned_partitions{{topic="{prefix}-by-code"}}'):
+            return float(line.split()[-1]) > 0
+    return False
+
+
 def test_a_worker_started_while_redis_is_down_waits_and_then_works(
     svc: Services, redis_prefix: str, catalog_file: Path
 ) -> None:
@@ -55,7 +63,11 @@ def test_a_worker_started_while_redis_is_down_waits_and_then_works(
     assert producer.flush(30) == 0
     worker = WorkerProcess(svc, env).start()
     try:
-        time.sleep(6)  # assigned and retrying against the missing Redis
+        deadline = time.monotonic() + 60
+        while not _holds_stage_partitions(worker.metrics(), redis_prefix):
+            assert time.monotonic() < deadline, "no stage partitions assigned within 60 s"
+            time.sleep(0.5)
+        time.sleep(2)  # assigned and retrying the take-over against the missing Redis
         assert worker.proc is not None and worker.proc.poll() is None, "the worker died"
         redis.start(port)
         verdicts = read_topic(
