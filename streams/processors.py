@@ -1,4 +1,4 @@
-"""Batch processors behind the Faust agents: ingest and the stateful stages.
+"""Batch processors behind the data-plane consumers (`streams.consumer`): ingest and the stages.
 
 Order of one batch - the proof that nothing is lost or counted twice:
 
@@ -8,7 +8,7 @@ Order of one batch - the proof that nothing is lost or counted twice:
 3. produce every output (alerts, verdicts, dead letters, packed records for the next stage) and
    flush, verifying each delivery;
 4. save the new states and the applied ids in one atomic, generation-fenced Lua script;
-5. only then return, so that Faust acknowledges the batch and commits its offsets.
+5. only then return, so that the stage's consumer stores the batch's offsets for commit.
 
 A crash before 4 replays the batch against the old state: same outputs, same alert ids (sinks
 dedupe). A crash between 4 and 5 replays it against the new state: every record is already
@@ -69,7 +69,7 @@ MAX_DEAD_LETTER_RAW = 8 * 1024
 
 @dataclass(slots=True, frozen=True)
 class Message:
-    """The part of a Kafka message a processor needs (Faust-independent, so tests can feed it)."""
+    """The part of a Kafka message a processor needs (client-independent, so tests can feed it)."""
 
     partition: int
     offset: int

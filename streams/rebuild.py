@@ -7,7 +7,7 @@ dropped writes) or a new deployment. With the workers stopped:
 2. run the detectors over it in one process (the `replay` pipeline, same code as the workers);
 3. write what the workers would hold into the empty Redis prefix, in their layout: stage states
    with their due index and watermarks, ingest's seen events, void/cancel index and receivers;
-4. point the workers' consumer group at the end of every topic the rebuild covered (the input
+4. point the workers' consumer groups (one per stage) at the end of every topic the rebuild covered (the input
    at the offsets read; the internal topics at their ends, since their records were recomputed)
    where the broker allows it. Either way the rebuilt seen events and applied record ids make
    anything read again a no-op.
@@ -166,21 +166,40 @@ async def _write_stage(
     return sum(len(v) for v in by_partition.values())
 
 
-def commit_group_offsets(bootstrap: str, group: str, input_ends: dict[int, int]) -> None:
+def commit_group_offsets(bootstrap: str, input_ends: dict[int, int]) -> None:
+    """Each stage's consumer group (`topics.names.group_of`) to the end of what the rebuild
+    covered: ingest to the input offsets read, the stages to their topics' ends."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(
-        client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False})
-    )
-    offsets = [TopicPartition(names.EVENTS.name, p, end) for p, end in input_ends.items()]
-    for spec in (names.BY_LEDGER, names.BY_CODE, names.VERDICT_PARTS):
-        for p in range(spec.partitions):
-            end = consumer.get_watermark_offsets(TopicPartition(spec.name, p), timeout=10)[1]
-            offsets.append(TopicPartition(spec.name, p, end))
-    try:
-        consumer.commit(offsets=offsets, asynchronous=False)
-    finally:
-        consumer.close()
+    stages = {
+        "ledger": names.BY_LEDGER,
+        "code": names.BY_CODE,
+        "verdict": names.VERDICT_PARTS,
+    }
+    for stage in names.STAGES:
+        consumer = Consumer(
+            client_config(
+                bootstrap, **{"group.id": names.group_of(stage), "enable.auto.commit": False}
+            )
+        )
+        try:
+            spec = stages.get(stage)
+            if spec is None:
+                offsets = [
+                    TopicPartition(names.EVENTS.name, p, end) for p, end in input_ends.items()
+                ]
+            else:
+                offsets = [
+                    TopicPartition(
+                        spec.name,
+                        p,
+                        consumer.get_watermark_offsets(TopicPartition(spec.name, p), timeout=10)[1],
+                    )
+                    for p in range(spec.partitions)
+                ]
+            consumer.commit(offsets=offsets, asynchronous=False)
+        finally:
+            consumer.close()
 
 
 async def prefix_is_empty(client: aioredis.Redis, prefix: str) -> bool:
@@ -238,10 +257,11 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
 
     counts = asyncio.run(write())
     try:
-        commit_group_offsets(bootstrap, names.APP_ID, ends)
+        commit_group_offsets(bootstrap, ends)
     except Exception as exc:  # a group the broker still thinks has members
         print(
-            f"warning: could not move consumer group {names.APP_ID}'s offsets ({exc}); the "
+            f"warning: could not move the consumer groups {names.group_of('*')} offsets "
+            f"({exc}); the "
             "workers will re-read what they had not committed, and the rebuilt seen events and "
             "applied ids make that a no-op",
             file=sys.stderr,

@@ -4,8 +4,9 @@ An outage (Redis or the broker away, a delivery that timed out) is retried with 
 long as it lasts: the batch is not acknowledged, so nothing behind it is lost. Anything else that
 fails a batch twice the same way is a property of its data: the batch is split, each message
 retried alone, and a message that still fails alone is dead-lettered with the exception and
-skipped - the rest of the batch goes on. Raising would end the Faust agent, and Faust acks a
-take() batch when its loop body ends: an unprocessed batch must never get that far.
+skipped - the rest of the batch goes on. Raising would end the stage's consumer loop
+(`streams.consumer`), which stores a batch's offsets when this returns: an unprocessed batch
+must never get that far.
 """
 
 from __future__ import annotations

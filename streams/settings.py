@@ -5,9 +5,9 @@
 | `KAFKA_BOOTSTRAP` | (none) | Kafka bootstrap servers. Unset: `make run` and tests start the embedded broker. |
 | `REDIS_URL` | `redis://127.0.0.1:6379/0` | Redis holding per-key state, seen ids, catalog cache. |
 | `TRACEWATCH_REDIS_PREFIX` | `tw` | Prefix of every Redis key: lets several deployments or test runs share one Redis. |
-| `TRACEWATCH_BATCH_SIZE` | `1000` | Events per agent batch. Larger = fewer Redis/Kafka round trips, more latency. |
+| `TRACEWATCH_BATCH_SIZE` | `1000` | Messages per consumer batch (`consume(n)`). Larger = fewer Redis/Kafka round trips, more latency. |
 | `TRACEWATCH_BATCH_WITHIN` | `0.1` | Seconds a batch waits to fill: the latency floor per stage. Shorter windows make more, smaller batches, and each pays a Redis load, a producer flush and a Redis save: at 0.05 s two workers fell behind at 2,000 events/s of live traffic (p99 several seconds), at 0.1 s they kept up (p99 about 0.5 s). |
-| `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Consumer fetch wait. The embedded broker holds an empty fetch this long even when data arrives; Faust's 1500 ms default halves throughput there. |
+| `TRACEWATCH_FETCH_MAX_WAIT_MS` | `20` | Data-plane consumers' `fetch.wait.max.ms`. The embedded broker holds an empty fetch this long even when data arrives; 1500 ms (Faust's hard-coded value) halved throughput there. |
 | `TRACEWATCH_SESSION_TIMEOUT` | `10` | Seconds of silence before the group drops a worker (heartbeats every fifth of it). Also what one rebalance costs on the embedded broker, which elects only when this runs out; Faust's 60 s default stalled the pipeline for a minute there. |
 | `TRACEWATCH_EMBEDDED_BROKER` | (empty) | `1` when `KAFKA_BOOTSTRAP` is the embedded broker (the project's own tools set it): the group leader then waits 0.5 s before it sends the assignment, because that broker rejects a follower's SyncGroup once the leader's arrived first, and the follower sits out a session timeout. |
 | `TRACEWATCH_WEB_PORT` | `6066` | Worker HTTP port: `/metrics` (Prometheus). |
