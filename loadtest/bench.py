@@ -8,7 +8,9 @@ One run, one broker, one Redis, the workers - all on the same cores:
     arrival; the parked checks wait for event time by design), on a fresh pipeline;
 (d) replay: the detectors in one process, events/s (one core);
 (e) bytes of per-code state at rest (Redis MEMORY USAGE of the code stage's hashes / codes);
-(f) peak RSS of a worker.
+(f) peak RSS of a worker;
+(g) CPU per event during (b), per process kind (workers, Redis, broker; /proc);
+(h) Redis script calls and commands per event during (b) (INFO commandstats).
 Prints a table and writes loadtest/RESULTS.md with the date and machine.
 """
 
@@ -153,6 +155,64 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_counters(redis_url: str) -> dict[str, float]:
+    """The Redis server's pid, and what it ran so far: script calls, and the commands run
+    (inside scripts and outside)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        server = client.info("server")
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    inner = sum(
+        v["calls"]
+        for k, v in stats.items()
+        if k not in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_info")
+    )
+    sent = sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    return {"pid": float(server["process_id"]), "sent": float(sent), "commands": float(inner)}
+
+
+class Costs:
+    """CPU of every process and Redis commands over one phase of the bench, per event."""
+
+    def __init__(self, pool: Workers, svc: Any) -> None:
+        self._pids = {
+            "workers": [proc.pid for proc, _ in pool.procs],
+            "redis": [int(redis_counters(svc.redis_url)["pid"])],
+            "broker": [svc.broker.pid] if getattr(svc, "broker", None) is not None else [],
+        }
+        self._svc = svc
+        self._start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        sample = {k: sum(map(cpu_seconds, pids)) for k, pids in self._pids.items()}
+        counters = redis_counters(self._svc.redis_url)
+        sample["redis_sent"] = counters["sent"]
+        sample["redis_commands"] = counters["commands"]
+        return sample
+
+    def per_event(self, events: int) -> dict[str, float]:
+        end = self._sample()
+        delta = {k: end[k] - self._start[k] for k in end}
+        out = {f"cpu_us_{k}": delta[k] / events * 1e6 for k in self._pids}
+        out["cpu_us_total"] = sum(out[f"cpu_us_{k}"] for k in self._pids)
+        out["redis_sent_per_event"] = delta["redis_sent"] / events
+        out["redis_commands_per_event"] = delta["redis_commands"] / events
+        return out
+
+
 class Workers:
     def __init__(self, env: dict[str, str], count: int) -> None:
         from streams.services import free_port
@@ -273,6 +333,7 @@ def run(
             pool.wait_settled(topics["events"].partitions)
             log(f"workers hold {pool.assigned()} input partitions")
             log(f"end to end: producing {len(lines)} events while the workers run")
+            costs = Costs(pool, svc)
             start = time.perf_counter()
             producer = threading.Thread(
                 target=produce, args=(svc.kafka_bootstrap, events_topic, lines, None, linger_ms)
@@ -294,6 +355,7 @@ def run(
                 time.sleep(0.2)
             elapsed = time.perf_counter() - start
             producer.join()
+            results.update(costs.per_event(len(lines)))
             results["stream_eps"] = len(lines) / elapsed
             results["stream_scans_per_s"] = scans / elapsed
             log(f"end to end: {results['stream_eps']:,.0f} events/s")
@@ -460,6 +522,8 @@ produced with linger.ms={results["linger_ms"]} (a gateway batching uploads; see 
 | (d) replay, one process | {results["replay_eps"]:,.0f} events/s |
 | (e) per-code state at rest | {results["state_bytes_per_code"]:.1f} B/code ({results["codes"]:,} codes) |
 | (f) peak RSS of a worker | {results["peak_rss_mb"]:.0f} MB |
+| (g) CPU per event during (b): workers / Redis / broker / all | {results["cpu_us_workers"]:.0f} / {results["cpu_us_redis"]:.0f} / {results["cpu_us_broker"]:.0f} / {results["cpu_us_total"]:.0f} us |
+| (h) Redis per event during (b): script calls / commands run (inside scripts too) | {results["redis_sent_per_event"]:.2f} / {results["redis_commands_per_event"]:.1f} |
 
 streaming throughput: {results["stream_eps"]:.0f} events/s
 ratio to baseline: {results["ratio"]:.3f}

@@ -180,6 +180,12 @@ class EmbeddedBroker:
         self.bootstrap = line.split(" ", 1)[1]
         return self
 
+    @property
+    def pid(self) -> int:
+        """The host process (what `make bench` charges the broker's CPU to)."""
+        assert self._proc is not None, "the broker is not started"
+        return self._proc.pid
+
     def create_topics(self, prefix: str) -> None:
         """Create the pipeline's topics under `prefix` (the broker has no admin API for it)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
