@@ -2,6 +2,7 @@
 
 One run, one broker, one Redis, the workers - all on the same cores:
 (a) baseline: consume the input topic and `orjson.loads` every value (confluent-kafka, batches);
+(a2) peer: the hand-rolled confluent-kafka + dict program (`loadtest/peers/`) on the same topic;
 (b) end to end: the full pipeline on a stream produced while the workers run, until every
     settlement has its verdict (events/s and code scans/s), and its ratio to (a);
 (c) latency from an event's produce to its alert, at half of (b)'s rate (alerts decided on
@@ -388,6 +389,18 @@ def run(
             svc.kafka_bootstrap, events_topic, topics["events"].partitions, len(lines)
         )
         results["ratio"] = results["stream_eps"] / results["baseline_eps"]
+        log("peer: confluent-kafka + a dict, one process, the same input topic")
+        from loadtest.peers import dict_peer
+
+        svc.create_topics(f"{prefix}p")  # somewhere for its alerts
+        results["peer_eps"], results["peer_alerts"] = dict_peer.run(
+            svc.kafka_bootstrap,
+            events_topic,
+            topics["events"].partitions,
+            len(lines),
+            f"{prefix}p-alerts",
+        )
+        results["peer_ratio"] = results["stream_eps"] / results["peer_eps"]
     results["workers"] = workers
     results["linger_ms"] = linger_ms
     return results
@@ -518,6 +531,8 @@ produced with linger.ms={results["linger_ms"]} (a gateway batching uploads; see 
 | (a) baseline: consume + orjson.loads | {results["baseline_eps"]:,.0f} events/s |
 | (b) end to end, full pipeline | {results["stream_eps"]:,.0f} events/s ({results["stream_scans_per_s"]:,.0f} scans/s) |
 | (b)/(a) | {results["ratio"]:.3f} |
+| (a2) peer: confluent-kafka + a dict, one process (`loadtest/peers/dict_peer.py`; resale alerts only, no recoverable state) | {results["peer_eps"]:,.0f} events/s ({results["peer_alerts"]:,} alerts) |
+| (b)/(a2) | {results["peer_ratio"]:.3f} |
 | (c) produce -> alert at half load (fresh pipeline), p50 / p99 | {lat["p50"]:.0f} ms / {lat["p99"]:.0f} ms ({lat["n"]} alerts) |
 | (d) replay, one process | {results["replay_eps"]:,.0f} events/s |
 | (e) per-code state at rest | {results["state_bytes_per_code"]:.1f} B/code ({results["codes"]:,} codes) |

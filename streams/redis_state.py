@@ -47,29 +47,100 @@ from detectors.stage import State
 
 _DAY = 86400
 
+# Lua helpers shared by the scripts: one multi-key command per hash or set and batch, never
+# one command per field - a batch of 1,000 records took ~37 Redis commands per event one at a
+# time. Arguments go in chunks: Redis's Lua stack holds a few thousand values.
+_BULK = """
+local CHUNK = 1000
+local function each_chunk(list, fn)
+  for c = 1, #list, CHUNK do fn(c, math.min(c + CHUNK - 1, #list)) end
+end
+-- values[i] = HMGET of names[i] in keys[i], one HMGET per distinct key
+local function hmget_grouped(keys, names)
+  local values, groups, order = {}, {}, {}
+  for i = 1, #keys do
+    local g = groups[keys[i]]
+    if g == nil then g = {}; groups[keys[i]] = g; order[#order + 1] = keys[i] end
+    g[#g + 1] = i
+  end
+  for _, key in ipairs(order) do
+    local g = groups[key]
+    local wanted = {}
+    for j = 1, #g do wanted[j] = names[g[j]] end
+    each_chunk(wanted, function(a, b)
+      local got = redis.call('HMGET', key, unpack(wanted, a, b))
+      for j = 1, #got do values[g[a + j - 1]] = got[j] end
+    end)
+  end
+  return values
+end
+-- the first hit of each name across `keys` (newest first): HMGET per key over the misses
+local function hmget_first(keys, names)
+  local found = {}
+  for i = 1, #names do found[i] = false end
+  for k = 1, #keys do
+    local missing, at = {}, {}
+    for i = 1, #names do
+      if not found[i] then missing[#missing + 1] = names[i]; at[#at + 1] = i end
+    end
+    if #missing == 0 then break end
+    each_chunk(missing, function(a, b)
+      local got = redis.call('HMGET', keys[k], unpack(missing, a, b))
+      for j = 1, #got do if got[j] then found[at[a + j - 1]] = got[j] end end
+    end)
+  end
+  return found
+end
+local function smismember_any(keys, members)
+  local hit = {}
+  for i = 1, #members do hit[i] = 0 end
+  for k = 1, #keys do
+    local missing, at = {}, {}
+    for i = 1, #members do
+      if hit[i] == 0 then missing[#missing + 1] = members[i]; at[#at + 1] = i end
+    end
+    if #missing == 0 then break end
+    each_chunk(missing, function(a, b)
+      local got = redis.call('SMISMEMBER', keys[k], unpack(missing, a, b))
+      for j = 1, #got do if got[j] == 1 then hit[at[a + j - 1]] = 1 end end
+    end)
+  end
+  return hit
+end
+-- one variadic command per key: cmd key <prefix...> items... (items flat, `width` per entry)
+local function bulk(cmd, key, items, width, ...)
+  local extra = {...}
+  local step = CHUNK - CHUNK % width
+  for c = 1, #items, step do
+    local args = {}
+    for _, x in ipairs(extra) do args[#args + 1] = x end
+    for i = c, math.min(c + step - 1, #items) do args[#args + 1] = items[i] end
+    redis.call(cmd, key, unpack(args))
+  end
+end
+"""
+
 # KEYS: applied day sets (n_sets), one bucket hash per field, the lane tops hash.
 # ARGV: n_sets, n_ids, ids..., fields..., n_marks, (lane, effective time) pairs, due limit, base.
 # Returns: applied flags (n_ids), field values (false when absent), the stored lane tops as a
 # flat lane/"first,second" list, the saved position and hold (false when none), then (lane,
 # member, value) triples for the keys due in each
 # lane by the effective time given for it: `<base>:due:<lane>` sorted sets.
-_LOAD = """
+_LOAD = (
+    _BULK
+    + """
 local n_sets = tonumber(ARGV[1])
 local n_ids = tonumber(ARGV[2])
 local n_fields = #KEYS - n_sets - 1
-local out = {}
-for i = 1, n_ids do
-  local id = ARGV[2 + i]
-  local hit = 0
-  for k = 1, n_sets do
-    if redis.call('SISMEMBER', KEYS[k], id) == 1 then hit = 1; break end
-  end
-  out[i] = hit
-end
+local sets, ids = {}, {}
+for k = 1, n_sets do sets[k] = KEYS[k] end
+for i = 1, n_ids do ids[i] = ARGV[2 + i] end
+local out = smismember_any(sets, ids)
 local base = 2 + n_ids
-for j = 1, n_fields do
-  out[n_ids + j] = redis.call('HGET', KEYS[n_sets + j], ARGV[base + j])
-end
+local buckets, fields = {}, {}
+for j = 1, n_fields do buckets[j] = KEYS[n_sets + j]; fields[j] = ARGV[base + j] end
+local values = hmget_grouped(buckets, fields)
+for j = 1, n_fields do out[n_ids + j] = values[j] end
 local a = base + n_fields
 out[#out + 1] = redis.call('HGETALL', KEYS[#KEYS])
 local n_marks = tonumber(ARGV[a + 1])
@@ -89,6 +160,7 @@ for i = 1, n_marks do
 end
 return out
 """
+)
 
 # Lane tops are "first,second" (own times of the two latest institutions; '' = none); both
 # parts only ever rise.
@@ -124,13 +196,18 @@ end
 # field (field, value ('' = delete), due-index member, due ('' = not due), lane,
 # previous lane).
 _SAVE = (
-    _MERGE_TOPS
+    _BULK
+    + _MERGE_TOPS
     + _RAISE_POSITION
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local n_ids = tonumber(ARGV[3])
-for i = 1, n_ids do redis.call('SADD', KEYS[2], ARGV[3 + i]) end
-if n_ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+if n_ids > 0 then
+  local ids = {}
+  for i = 1, n_ids do ids[i] = ARGV[3 + i] end
+  bulk('SADD', KEYS[2], ids, 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 local n_lanes = tonumber(ARGV[4 + n_ids])
 for i = 1, n_lanes do
   merge_tops(KEYS[3], ARGV[3 + n_ids + 2 * i], ARGV[4 + n_ids + 2 * i])
@@ -140,20 +217,52 @@ raise_position(prefix .. ':pos', ARGV[6 + n_ids + 2 * n_lanes])
 local field_ttl = tonumber(ARGV[7 + n_ids + 2 * n_lanes])
 raise_position(prefix .. ':hold', ARGV[8 + n_ids + 2 * n_lanes])
 local base = 8 + n_ids + 2 * n_lanes
+-- per bucket: fields to set (pairs) and to delete; per due lane: members to add and remove
+local sets, dels, order = {}, {}, {}
+local adds, rems = {}, {}
+local function list_of(t, key)
+  local l = t[key]
+  if l == nil then l = {}; t[key] = l end
+  return l
+end
 for j = 4, #KEYS do
   local at = base + 6 * (j - 4)
   local f, v, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local due, lane, old = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
+  local key = KEYS[j]
+  if sets[key] == nil and dels[key] == nil then order[#order + 1] = key end
   if v == '' then
-    redis.call('HDEL', KEYS[j], f)
+    local d = list_of(dels, key); d[#d + 1] = f
   else
-    redis.call('HSET', KEYS[j], f, v)
-    if field_ttl > 0 then redis.pcall('HEXPIRE', KEYS[j], field_ttl, 'FIELDS', 1, f) end
+    local l = list_of(sets, key); l[#l + 1] = f; l[#l + 1] = v
   end
-  if old ~= '' and old ~= lane then redis.call('ZREM', prefix .. ':due:' .. old, member) end
-  if due ~= '' then redis.call('ZADD', prefix .. ':due:' .. lane, due, member)
-  elseif lane ~= '' then redis.call('ZREM', prefix .. ':due:' .. lane, member) end
+  if old ~= '' and old ~= lane then local r = list_of(rems, old); r[#r + 1] = member end
+  if due ~= '' then
+    local l = list_of(adds, lane); l[#l + 1] = due; l[#l + 1] = member
+  elseif lane ~= '' then
+    local r = list_of(rems, lane); r[#r + 1] = member
+  end
 end
+for _, key in ipairs(order) do
+  if dels[key] then bulk('HDEL', key, dels[key], 1) end
+  local l = sets[key]
+  if l then
+    bulk('HSET', key, l, 2)
+    if field_ttl > 0 then
+      local names = {}
+      for i = 1, #l, 2 do names[#names + 1] = l[i] end
+      each_chunk(names, function(a, b)
+        if field_ttl == 0 then return end
+        -- Redis < 7.4 has no HEXPIRE: fields then keep no TTL (README)
+        local ok = redis.pcall('HEXPIRE', key, field_ttl, 'FIELDS', b - a + 1,
+                               unpack(names, a, b))
+        if type(ok) == 'table' and ok.err then field_ttl = 0 end
+      end)
+    end
+  end
+end
+for lane, members in pairs(rems) do bulk('ZREM', prefix .. ':due:' .. lane, members, 1) end
+for lane, pairs_ in pairs(adds) do bulk('ZADD', prefix .. ':due:' .. lane, pairs_, 2) end
 return 1
 """
 )
@@ -164,76 +273,87 @@ return 1
 # Returns: seen digests (false when unseen), index values (false when absent), receiver flags,
 # own times (false when unknown) per institution, the lane tops as a flat list, the position,
 # then today's count per institution.
-_INGEST_LOAD = """
+_INGEST_LOAD = (
+    _BULK
+    + """
 local n_seen = tonumber(ARGV[1])
 local n_events = tonumber(ARGV[2])
 local n_index = tonumber(ARGV[3 + n_events])
 local ix_first, ix_last = n_seen + 1, #KEYS - 5
 local receivers, own, tops = KEYS[#KEYS - 4], KEYS[#KEYS - 3], KEYS[#KEYS - 2]
+local seen_keys, index_keys, events, lookups, insts = {}, {}, {}, {}, {}
+for k = 1, n_seen do seen_keys[k] = KEYS[k] end
+for k = ix_first, ix_last do index_keys[#index_keys + 1] = KEYS[k] end
+for i = 1, n_events do events[i] = ARGV[2 + i] end
+for i = 1, n_index do lookups[i] = ARGV[3 + n_events + i] end
+for i = 4 + n_events + n_index, #ARGV do insts[#insts + 1] = ARGV[i] end
 local out = {}
-for i = 1, n_events do
-  local digest = false
-  for k = 1, n_seen do
-    digest = redis.call('HGET', KEYS[k], ARGV[2 + i])
-    if digest then break end
-  end
-  out[#out + 1] = digest
-end
-for i = 1, n_index do
-  local value = false
-  for k = ix_first, ix_last do
-    value = redis.call('HGET', KEYS[k], ARGV[3 + n_events + i])
-    if value then break end
-  end
-  out[#out + 1] = value
-end
-for i = 4 + n_events + n_index, #ARGV do
-  out[#out + 1] = redis.call('SISMEMBER', receivers, ARGV[i])
-end
-for i = 4 + n_events + n_index, #ARGV do
-  out[#out + 1] = redis.call('HGET', own, ARGV[i])
-end
+for _, v in ipairs(hmget_first(seen_keys, events)) do out[#out + 1] = v end
+for _, v in ipairs(hmget_first(index_keys, lookups)) do out[#out + 1] = v end
+local n_insts = #insts
+local flags = smismember_any({receivers}, insts)
+for i = 1, n_insts do out[#out + 1] = flags[i] end
+local owns = hmget_first({own}, insts)
+for i = 1, n_insts do out[#out + 1] = owns[i] end
 out[#out + 1] = redis.call('HGETALL', tops)
 out[#out + 1] = redis.call('GET', KEYS[#KEYS - 1])
-for i = 4 + n_events + n_index, #ARGV do
-  out[#out + 1] = redis.call('HGET', KEYS[#KEYS], ARGV[i])
-end
+local counts = hmget_first({KEYS[#KEYS]}, insts)
+for i = 1, n_insts do out[#out + 1] = counts[i] end
 return out
 """
+)
 
 # KEYS: today's seen hash, today's index hash, receivers set, own-time hash, lane tops hash,
 # position, today's counts. ARGV: ttl, position ('' = keep), n_events, (event key, digest)
 # pairs, n_index, (index key, value) pairs, n_receivers, receivers..., n_own, (institution,
 # time) pairs, n_counts, (institution, accepted) pairs, (lane, tops) pairs...
 _INGEST_SAVE = (
-    _RAISE_POSITION
+    _BULK
+    + _RAISE_POSITION
     + """
 local ttl = ARGV[1]
 raise_position(KEYS[6], ARGV[2])
 local at = 3
+local function slice(from, count)
+  local l = {}
+  for i = from + 1, from + count do l[#l + 1] = ARGV[i] end
+  return l
+end
 local n = tonumber(ARGV[at])
-for i = 1, n do redis.call('HSET', KEYS[1], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
-if n > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if n > 0 then
+  bulk('HSET', KEYS[1], slice(at, 2 * n), 2)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
 at = at + 2 * n + 1
 n = tonumber(ARGV[at])
-for i = 1, n do redis.call('HSET', KEYS[2], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
-if n > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+if n > 0 then
+  bulk('HSET', KEYS[2], slice(at, 2 * n), 2)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 at = at + 2 * n + 1
 n = tonumber(ARGV[at])
-for i = 1, n do redis.call('SADD', KEYS[3], ARGV[at + i]) end
+if n > 0 then bulk('SADD', KEYS[3], slice(at, n), 1) end
 at = at + n + 1
 n = tonumber(ARGV[at])
-for i = 1, n do
-  local inst, t = ARGV[at + 2 * i - 1], tonumber(ARGV[at + 2 * i])
-  local stored = tonumber(redis.call('HGET', KEYS[4], inst))
-  if stored == nil or t > stored then redis.call('HSET', KEYS[4], inst, ARGV[at + 2 * i]) end
+if n > 0 then
+  local insts = {}
+  for i = 1, n do insts[i] = ARGV[at + 2 * i - 1] end
+  local stored = hmget_first({KEYS[4]}, insts)
+  local rising = {}
+  for i = 1, n do
+    local t, was = ARGV[at + 2 * i], tonumber(stored[i])
+    if was == nil or tonumber(t) > was then
+      rising[#rising + 1] = insts[i]; rising[#rising + 1] = t
+    end
+  end
+  if #rising > 0 then bulk('HSET', KEYS[4], rising, 2) end
 end
 at = at + 2 * n + 1
 n = tonumber(ARGV[at])
 for i = 1, n do redis.call('HINCRBY', KEYS[7], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
 if n > 0 then redis.call('EXPIRE', KEYS[7], 2 * 86400) end
 at = at + 2 * n
-for i = at + 1, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+if #ARGV > at then bulk('HSET', KEYS[5], slice(at, #ARGV - at), 2) end
 return 1
 """
 )
