@@ -39,7 +39,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from streams import metrics
 from streams.kafka_config import client_config
-from streams.processors import Message
+from streams.processors import Message, offset_spans
 from streams.retry import run_batch
 
 log = logging.getLogger("tracewatch.consumer")
@@ -206,12 +206,12 @@ class BatchConsumer:
         return batch
 
     def _store(self, consumer: Consumer, batch: list[Message]) -> None:
-        ends: dict[int, int] = {}
-        for msg in batch:
-            if msg.offset >= ends.get(msg.partition, -1):
-                ends[msg.partition] = msg.offset + 1
         mine = self.assignment
-        offsets = [TopicPartition(self.topic, p, end) for p, end in ends.items() if p in mine]
+        offsets = [
+            TopicPartition(self.topic, p, last + 1)
+            for p, (_first, last) in offset_spans(batch).items()
+            if p in mine
+        ]
         if not offsets:
             return
         try:

@@ -208,7 +208,7 @@ def _latest_stamps(messages: list[Message]) -> dict[int, int]:
     return latest
 
 
-def _spans(messages: list[Message]) -> dict[int, tuple[int, int]]:
+def offset_spans(messages: list[Message]) -> dict[int, tuple[int, int]]:
     """First and last offset of the batch in each partition."""
     spans: dict[int, tuple[int, int]] = {}
     for msg in messages:
@@ -321,7 +321,7 @@ class IngestProcessor:
                 invalid.append((msg, exc))
                 continue
             by_partition[msg.partition].append((msg, event))
-        spans = _spans(messages)
+        spans = offset_spans(messages)
         partitions = list(spans)
         phase = _Phases("ingest")
         loaded = await asyncio.gather(
@@ -595,7 +595,7 @@ class StageProcessor:
             unpacked[msg.partition].append((msg.offset, records, progress))
             for lane, pair in tops_offered.items():
                 merge_tops(offered[msg.partition], lane, pair)
-        spans = _spans(messages)
+        spans = offset_spans(messages)
         owned = [p for p in spans if p in self.store.generations]
         for p in spans.keys() - set(owned):
             log.warning("%s%d: batch for a partition this worker does not own", self.store.tag, p)
