@@ -105,3 +105,54 @@ def load_catalog(path: str) -> Catalog:
             return Catalog(product_from_dict(obj, where) for where, obj in iter_jsonl(fh, path))
     except OSError as exc:
         raise ReferenceDataError(f"{path}: cannot read catalog ({exc.strerror})") from None
+
+
+INSTITUTION_KINDS = frozenset({"pharmacy", "hospital", "clinic"})
+
+
+@dataclass(frozen=True, slots=True)
+class Institution:
+    """A designated institution (CONTRACT.md, "Reference data"). `region` is its 6-digit
+    administrative division code (e.g. 330100, Hangzhou): inspectors' scopes are its prefixes."""
+
+    institution: str
+    name: str
+    kind: str
+    region: str
+
+
+def institution_from_dict(obj: Any, where: str) -> Institution:
+    if not isinstance(obj, dict):
+        raise ReferenceDataError(f"{where}: an institution entry must be a JSON object")
+    code = obj.get("institution")
+    if not isinstance(code, str) or not code:
+        raise ReferenceDataError(f"{where}: institution must be a non-empty string")
+    kind = obj.get("kind", "pharmacy")
+    if kind not in INSTITUTION_KINDS:
+        raise ReferenceDataError(f"{where}: kind must be one of {sorted(INSTITUTION_KINDS)}")
+    region = obj.get("region")
+    if not isinstance(region, str) or len(region) != 6 or not region.isdigit():
+        raise ReferenceDataError(f"{where}: region must be a 6-digit administrative code")
+    return Institution(code, str(obj.get("name") or ""), kind, region)
+
+
+def load_institutions(path: str) -> list[Institution]:
+    try:
+        with open(path, "rb") as fh:
+            found = [institution_from_dict(obj, where) for where, obj in iter_jsonl(fh, path)]
+    except OSError as exc:
+        raise ReferenceDataError(f"{path}: cannot read institutions ({exc.strerror})") from None
+    seen: set[str] = set()
+    for inst in found:
+        if inst.institution in seen:
+            raise ReferenceDataError(f"{path}: institution {inst.institution!r} is listed twice")
+        seen.add(inst.institution)
+    return found
+
+
+def region_scope(region: str) -> str:
+    """An inspector's scope as the prefix of the region codes it covers: 330000 (a province)
+    covers 33xxxx, 330100 (a city) covers 3301xx, 330102 (a district) itself."""
+    scope = region.rstrip("0")
+    # a city code keeps its pair of digits (330100 -> 3301, not 3301 -> 33 via 330000)
+    return scope + "0" * (len(scope) % 2)

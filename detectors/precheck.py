@@ -107,7 +107,9 @@ def _explain(alert: Alert, event: Event) -> dict[str, Any]:
 
 
 def _sale(sale: dict[str, Any], own: str) -> dict[str, Any]:
-    shown = {k: sale[k] for k in ("institution", "occurred_at", "units") if k in sale}
+    shown: dict[str, Any] = {
+        k: sale[k] for k in ("institution", "occurred_at", "units") if k in sale
+    }
     if sale.get("institution") == own:
         shown["event_id"] = sale.get("event_id")
     return shown

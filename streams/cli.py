@@ -296,6 +296,82 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if perfect else 1
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from api.server import serve
+
+    serve()
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from api.auth import INSPECTOR, INSTITUTION, TokenStore
+    from streams.redis_state import connect
+
+    settings = Settings()
+
+    async def run() -> int:
+        client = connect(settings.redis_url)
+        store = TokenStore(client, settings.redis_prefix)
+        try:
+            if args.action == "add":
+                if args.inspector:
+                    if not args.region:
+                        raise BadInput("an inspector token needs --region (e.g. 330100)")
+                    role, institution, region = INSPECTOR, None, args.region
+                else:
+                    role, institution, region = INSTITUTION, args.subject, None
+                try:
+                    token, grant = await store.add(
+                        role, args.name or args.subject, institution, region
+                    )
+                except ValueError as exc:
+                    raise BadInput(str(exc)) from None
+                print(
+                    f"token {grant.id} for {grant.role} {grant.institution or grant.region} "
+                    "(shown once; store it now):",
+                    file=sys.stderr,
+                )
+                print(token)
+                return 0
+            if args.action == "revoke":
+                if await store.revoke(args.subject):
+                    print(f"token {args.subject} revoked", file=sys.stderr)
+                    return 0
+                print(f"tracewatch: no token with id {args.subject!r}", file=sys.stderr)
+                return 1
+            for _digest, grant in await store.grants():
+                if args.subject and args.subject not in (grant.institution, grant.region):
+                    continue
+                state = "revoked" if grant.revoked else "live"
+                scope = grant.institution or f"region {grant.region}"
+                print(f"{grant.id}\t{grant.role}\t{scope}\t{grant.name}\t{state}")
+            return 0
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def cmd_institutions(args: argparse.Namespace) -> int:
+    from detectors.catalog import load_institutions
+    from streams.redis_state import connect
+    from streams.reference import InstitutionRegistry
+
+    settings = Settings()
+    institutions = load_institutions(args.file)
+
+    async def publish() -> None:
+        client = connect(settings.redis_url)
+        try:
+            await InstitutionRegistry(client, settings.redis_prefix).publish(institutions)
+        finally:
+            await client.aclose()
+
+    asyncio.run(publish())
+    print(f"institutions replaced: {len(institutions)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracewatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +430,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-only", action="store_true", help="skip the streaming run")
     p.add_argument("--dir", help="where to write the dataset (default: a temporary folder)")
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser(
+        "api",
+        help="the HTTP API: event ingest, pre-settlement check, code history (port "
+        "TRACEWATCH_API_PORT, default 8080)",
+    )
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser(
+        "tokens",
+        help="API tokens: add INSTITUTION | add --inspector --region R NAME | revoke ID | list",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", help="make a token; it is printed once, on stdout")
+    a.add_argument("subject", help="the institution code (with --inspector: the holder's name)")
+    a.add_argument("--inspector", action="store_true", help="an inspector's read-only token")
+    a.add_argument("--region", help="inspector's region code: 330000 province, 330100 city")
+    a.add_argument("--name", help="who holds it (shown in list)")
+    a = actions.add_parser("revoke", help="revoke a token by its id (from list)")
+    a.add_argument("subject", metavar="ID")
+    a = actions.add_parser("list", help="tokens by id, role, scope, holder, live/revoked")
+    a.add_argument("subject", nargs="?", default="", help="only this institution or region")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser(
+        "institutions", help="replace the institution registry (JSONL: region, kind) in Redis"
+    )
+    p.add_argument("file")
+    p.set_defaults(func=cmd_institutions)
 
     p = sub.add_parser("demo", help="embedded broker + Redis + worker + demo stream (make run)")
     p.add_argument("--events", type=int, default=3000)

@@ -13,7 +13,13 @@ import logging
 import orjson
 import redis.asyncio as aioredis
 
-from detectors.catalog import Catalog, Product, load_catalog, product_from_dict
+from detectors.catalog import (
+    Catalog,
+    Institution,
+    Product,
+    load_catalog,
+    product_from_dict,
+)
 from streams.output import OutputProducer
 from topics import names
 
@@ -81,3 +87,37 @@ class CatalogCache:
         self.ready.set()
         log.info("catalog version %s: %d products", version, len(self.catalog))
         return True
+
+
+class InstitutionRegistry:
+    """Institutions (name, kind, region) in one Redis hash, for the API's inspector scopes.
+    `tracewatch institutions FILE` replaces it; no rule reads it."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._client = client
+        self._hash = f"{prefix}:institutions"
+
+    async def publish(self, institutions: list[Institution]) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self._hash)
+        if institutions:
+            entries = {
+                i.institution: orjson.dumps(
+                    {
+                        "institution": i.institution,
+                        "name": i.name,
+                        "kind": i.kind,
+                        "region": i.region,
+                    }
+                )
+                for i in institutions
+            }
+            pipe.hset(self._hash, mapping=entries)  # type: ignore[arg-type]
+        await pipe.execute()
+
+    async def region_of(self, institution: str) -> str | None:
+        raw = await self._client.hget(self._hash, institution)
+        if raw is None:
+            return None
+        region: str = orjson.loads(raw)["region"]
+        return region
