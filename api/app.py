@@ -200,7 +200,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         "/v1/events",
         status_code=202,
         response_model=EventsAnswer,
-        responses={**_ERRORS, 400: {"model": ErrorBody}},
+        responses={
+            **_ERRORS,
+            **{
+                status: {
+                    "model": ErrorBody | EventsAnswer,
+                    "description": f"{_ERRORS.get(status, {}).get('description', 'no event valid')}"
+                    "; with per-event results when the events were read",
+                }
+                for status in (400, 403, 503)
+            },
+        },
         openapi_extra=events_body(settings.max_events),
         summary="Submit events (contract format or NHSA fields), answered once the broker has them",
         tags=["ingest"],
@@ -286,7 +296,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if not svc.catalog.ready.is_set():
             raise _unavailable("the catalog (Redis)")
         try:
-            checked, seen = await svc.reader.check(event, svc.catalog.current())
+            # submitted: seen by the stream, or accepted here and not yet routed
+            (checked, seen), accepted = await asyncio.gather(
+                svc.reader.check(event, svc.catalog.current()),
+                svc.redis.get(_seen_key(svc.prefix, event)),
+            )
         except RedisError:
             raise _unavailable("Redis") from None
         verdict = checked.verdict
@@ -298,7 +312,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             {
                 **verdict,
                 "lines": lines,
-                "already_submitted": seen is not None,
+                "already_submitted": seen is not None or accepted is not None,
                 "recorded": False,
             }
         )

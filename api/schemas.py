@@ -121,6 +121,8 @@ class EventsAnswer(BaseModel):
     duplicate: int
     rejected: int
     results: list[EventResult]
+    error: str | None = Field(None, description="on 503: `unavailable`")
+    detail: str | None = None
 
 
 class Evidence(BaseModel):
