@@ -262,7 +262,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.post(
         "/v1/settlements/check",
         response_model=CheckAnswer,
-        responses={**_ERRORS, 422: {"model": ErrorBody}},
+        responses={
+            **_ERRORS,
+            400: {"model": ErrorBody, "description": "not one JSON object"},
+            422: {
+                "model": ErrorBody,
+                "description": "not a valid settlement (the reason ingest would give)",
+            },
+        },
         openapi_extra=settlement_body(),
         summary="The verdict the stream would give this settlement now; records nothing",
         tags=["settlement"],
