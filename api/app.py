@@ -503,7 +503,11 @@ async def _submit(
             pipe.set(_seen_key(prefix, event), event.digest, ex=ttl, nx=True)
         else:
             results[index].update(status="unavailable", reason="broker", detail=error[:200])
-            log.warning("event not confirmed by the broker: %s", error)
+    failed = [e for e in errors if e is not None]
+    if failed:  # one line per request, not per event: an outage would flood the log
+        log.warning(
+            "%d of %d events not confirmed by the broker: %s", len(failed), len(errors), failed[0]
+        )
     try:
         await pipe.execute()
     except RedisError:
