@@ -38,7 +38,7 @@ INFNO_TYPES = {
     "3507": "void",
     "2207": "settlement",
 }
-STOCK_CHANGE_REASONS = {
+INV_CHG_REASONS = {
     "101": "transfer_in",
     "102": "transfer_out",
     "103": "loss",
@@ -113,7 +113,7 @@ def to_contract(obj: dict[str, Any]) -> dict[str, Any]:
         if etype == "stock_change":
             reason = obj.get("reason")
             if reason is None:
-                reason = STOCK_CHANGE_REASONS.get(str(obj.get("inv_chg_type")), "other")
+                reason = INV_CHG_REASONS.get(str(obj.get("inv_chg_type")), "other")
             mapped["reason"] = reason
             if codes is not None:
                 mapped["codes"] = codes

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from topics.records import BOUNDS
+from topics.records import BOUNDS, EVENT_TYPES, STOCK_CHANGE_REASONS, UNITS
 
 _LINE: dict[str, Any] = {
     "type": "object",
@@ -22,7 +22,7 @@ _LINE: dict[str, Any] = {
         "line_no": {"type": "integer"},
         "product": {"type": "string", "description": "insurance drug code (med_list_codg)"},
         "quantity": {"type": "number"},
-        "unit": {"type": "string", "enum": ["pack", "unit"], "default": "pack"},
+        "unit": {"type": "string", "enum": sorted(UNITS), "default": "pack"},
         "split": {"type": "boolean", "default": False, "description": "拆零 (trdn_flag=1)"},
         "codes": {
             "type": "array",
@@ -41,21 +41,7 @@ EVENT_SCHEMA: dict[str, Any] = {
     "required": ["event_id", "type", "institution", "occurred_at"],
     "properties": {
         "event_id": {"type": "string", "maxLength": BOUNDS.id_chars},
-        "type": {
-            "type": "string",
-            "enum": [
-                "purchase",
-                "purchase_return",
-                "sale",
-                "sale_return",
-                "settlement",
-                "settlement_cancel",
-                "stock_count",
-                "stock_change",
-                "void",
-                "legacy_stock",
-            ],
-        },
+        "type": {"type": "string", "enum": sorted(EVENT_TYPES)},
         "institution": {"type": "string", "description": "fixmedins_code"},
         "occurred_at": {"type": "string", "format": "date-time"},
         "lines": {"type": "array", "items": _LINE, "maxItems": BOUNDS.lines},
@@ -65,8 +51,8 @@ EVENT_SCHEMA: dict[str, Any] = {
         "voided_event_id": {"type": "string"},
         "product": {"type": "string"},
         "quantity": {"type": "number"},
-        "unit": {"type": "string", "enum": ["pack", "unit"]},
-        "reason": {"type": "string"},
+        "unit": {"type": "string", "enum": sorted(UNITS)},
+        "reason": {"type": "string", "enum": sorted(STOCK_CHANGE_REASONS)},
         "codes": {"type": "array", "items": {"type": "string"}},
     },
 }
