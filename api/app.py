@@ -34,7 +34,7 @@ from api.auth import INSPECTOR, INSTITUTION, Grant, RateLimiter, TokenStore
 from api.config import ApiSettings
 from api.gateway import EventGateway
 from api.nhsa import is_nhsa, to_contract
-from api.reads import StateReader, code_history
+from api.reads import StateReader, code_history, submitted_key
 from api.schemas import (
     CheckAnswer,
     CodeHistory,
@@ -45,6 +45,7 @@ from api.schemas import (
     settlement_body,
 )
 from detectors.codes import classify
+from streams import gc_tuning
 from streams.redis_state import connect
 from streams.reference import CatalogCache, InstitutionRegistry
 from topics import names
@@ -123,6 +124,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             reader=StateReader(client, base),
         )
         refresher = asyncio.create_task(_refresh_catalog(catalog))
+        gc_tuning.tune()  # a check allocates much and frees it all: see streams.gc_tuning
         try:
             yield
         finally:
@@ -303,11 +305,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if not svc.catalog.ready.is_set():
             raise _unavailable("the catalog (Redis)")
         try:
-            # submitted: seen by the stream, or accepted here and not yet routed
-            (checked, seen), accepted = await asyncio.gather(
-                svc.reader.check(event, svc.catalog.current()),
-                svc.redis.get(_seen_key(svc.prefix, event)),
-            )
+            checked, submitted = await svc.reader.check(event, svc.catalog.current())
         except RedisError:
             raise _unavailable("Redis") from None
         verdict = checked.verdict
@@ -319,7 +317,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             {
                 **verdict,
                 "lines": lines,
-                "already_submitted": seen is not None or accepted is not None,
+                "already_submitted": submitted,
                 "recorded": False,
             }
         )
@@ -454,10 +452,6 @@ def _parse_item(
     return result, event, value
 
 
-def _seen_key(prefix: str, event: Event) -> str:
-    return f"{prefix}:api:ev:{event.key}"
-
-
 async def _submit(
     svc: Services,
     ttl_days: int,
@@ -471,7 +465,7 @@ async def _submit(
     prefix = svc.prefix
     pipe = svc.redis.pipeline(transaction=False)
     for _i, event, _v in parsed:
-        pipe.get(_seen_key(prefix, event))
+        pipe.get(submitted_key(prefix, event.key))
     before = await pipe.execute()
     taken: dict[str, str] = {}
     sending: list[tuple[int, Event, bytes]] = []
@@ -500,7 +494,7 @@ async def _submit(
     for (index, event, _v), error in zip(sending, errors, strict=True):
         if error is None:
             results[index]["status"] = "accepted"
-            pipe.set(_seen_key(prefix, event), event.digest, ex=ttl, nx=True)
+            pipe.set(submitted_key(prefix, event.key), event.digest, ex=ttl, nx=True)
         else:
             results[index].update(status="unavailable", reason="broker", detail=error[:200])
     failed = [e for e in errors if e is not None]

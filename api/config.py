@@ -4,6 +4,7 @@
 |---|---|---|
 | `TRACEWATCH_API_HOST` | `127.0.0.1` | Address the API listens on (`0.0.0.0` in a container). |
 | `TRACEWATCH_API_PORT` | `8080` | Its port. |
+| `TRACEWATCH_API_WORKERS` | `1` | Processes serving the port (uvicorn workers sharing one socket); one per core the API may use. |
 | `TRACEWATCH_API_MAX_BODY_BYTES` | `8388608` | Largest request body (8 MiB); beyond it 413. |
 | `TRACEWATCH_API_MAX_EVENTS` | `1000` | Most events in one `POST /v1/events`; beyond it 413. |
 | `TRACEWATCH_API_RATE` | `50` | Requests per second one token may make, on average (per API process). |
@@ -25,6 +26,7 @@ class ApiSettings:
     base: Settings = field(default_factory=Settings)
     host: str = field(default_factory=lambda: os.environ.get("TRACEWATCH_API_HOST", "127.0.0.1"))
     port: int = field(default_factory=lambda: _env_int("TRACEWATCH_API_PORT", 8080))
+    workers: int = field(default_factory=lambda: max(1, _env_int("TRACEWATCH_API_WORKERS", 1)))
     max_body_bytes: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_API_MAX_BODY_BYTES", 8 * 1024 * 1024)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import uvicorn
 
@@ -17,8 +18,12 @@ def serve(settings: ApiSettings | None = None) -> None:
         level=settings.base.log_level.upper(),
         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
     )
+    # Several workers need the app by name, each process builds its own from the environment.
+    app: Any = create_app(settings) if settings.workers == 1 else "api.app:create_app"
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

@@ -11,7 +11,9 @@ One run, one broker, one Redis, the workers - all on the same cores:
 (e) bytes of per-code state at rest (Redis MEMORY USAGE of the code stage's hashes / codes);
 (f) peak RSS of a worker;
 (g) CPU per event during (b), per process kind (workers, Redis, broker; /proc);
-(h) Redis script calls and commands per event during (b) (INFO commandstats).
+(h) Redis script calls and commands per event during (b) (INFO commandstats);
+(i) the API's pre-settlement check on (b)'s state at rest: p50/p99 at 1,000 checks/s of 4 codes
+    each, open loop (`loadtest/api_bench.py`).
 Prints a table and writes loadtest/RESULTS.md with the date and machine.
 """
 
@@ -291,7 +293,12 @@ def state_bytes_per_code(redis_url: str, prefix: str) -> tuple[float, int]:
 
 
 def run(
-    events: int, workers: int, latency_seconds: float, linger_ms: int = INPUT_LINGER_MS
+    events: int,
+    workers: int,
+    latency_seconds: float,
+    linger_ms: int = INPUT_LINGER_MS,
+    api_rate: float = 1000,
+    api_seconds: float = 20,
 ) -> dict[str, Any]:
     from streams.services import pipeline_env, services
     from topics.names import all_topics
@@ -367,6 +374,12 @@ def run(
             results["peak_rss_mb"] = pool.peak_rss_mb()
         finally:
             pool.stop()
+        # the check reads what the workers left; they are stopped, as they would run elsewhere
+        from loadtest import api_bench
+
+        results["api"] = api_bench.run(
+            env, svc.redis_url, prefix, [_safe(ln) for ln in lines], api_rate, api_seconds
+        )
         # Latency on a fresh pipeline: the generated streams compress days of event time into
         # seconds, so on the first pipeline every check the first stream parked (grace: days)
         # would fall due at once in the window - a burst steady traffic never produces.
@@ -519,6 +532,7 @@ def machine() -> str:
 
 def write_results(results: dict[str, Any]) -> str:
     lat = results["latency"]
+    api = results["api"]
     table = f"""# Benchmark results
 
 Measured by `make bench` on {datetime.date.today().isoformat()}, {machine()}.
@@ -539,12 +553,15 @@ produced with linger.ms={results["linger_ms"]} (a gateway batching uploads; see 
 | (f) peak RSS of a worker | {results["peak_rss_mb"]:.0f} MB |
 | (g) CPU per event during (b): workers / Redis / broker / all | {results["cpu_us_workers"]:.0f} / {results["cpu_us_redis"]:.0f} / {results["cpu_us_broker"]:.0f} / {results["cpu_us_total"]:.0f} us |
 | (h) Redis per event during (b): script calls / commands run (inside scripts too) | {results["redis_sent_per_event"]:.2f} / {results["redis_commands_per_event"]:.1f} |
+| (i) `POST /v1/settlements/check`, 4 codes, {api["processes"]} API processes, {api["rate"]:,.0f}/s open loop for {api["n"]:,} checks (achieved {api["achieved"]:,.0f}/s): p50 / p99 / p99.9 / max | {api["p50"]:.1f} / {api["p99"]:.1f} / {api["p999"]:.1f} / {api["max"]:.0f} ms ({api["failed"]} not 200) |
+| (i) CPU per check: API processes / Redis | {api["cpu_us_api"]:.0f} / {api["cpu_us_redis"]:.0f} us |
 
 streaming throughput: {results["stream_eps"]:.0f} events/s
 ratio to baseline: {results["ratio"]:.3f}
 replay throughput: {results["replay_eps"]:.0f} events/s per core
 p99 latency: {lat["p99"]:.0f} ms
 state bytes per code: {results["state_bytes_per_code"]:.1f}
+check p99 at {api["rate"]:.0f}/s: {api["p99"]:.1f} ms
 """
     return table
 
@@ -560,9 +577,18 @@ def main(argv: list[str] | None = None) -> int:
         default=INPUT_LINGER_MS,
         help="linger of the input producer (part of the measured latency)",
     )
+    parser.add_argument("--api-rate", type=float, default=1000, help="checks per second")
+    parser.add_argument("--api-seconds", type=float, default=20)
     parser.add_argument("--no-write", action="store_true", help="print only; keep RESULTS.md")
     args = parser.parse_args(argv)
-    results = run(args.events, args.workers, args.latency_seconds, args.linger_ms)
+    results = run(
+        args.events,
+        args.workers,
+        args.latency_seconds,
+        args.linger_ms,
+        args.api_rate,
+        args.api_seconds,
+    )
     text = write_results(results)
     print(text)
     if not args.no_write:

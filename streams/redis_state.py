@@ -476,6 +476,35 @@ class IngestStore:
         index_keys: Sequence[str],
         institutions: Sequence[str],
     ) -> IngestLoaded:
+        keys, args = self.load_command(partition, event_keys, index_keys, institutions)
+        reply = await self._load(keys=keys, args=args)
+        return self.decode_load(reply, event_keys, index_keys, institutions)
+
+    def queue_load(
+        self,
+        pipe: Any,
+        partition: int,
+        event_keys: Sequence[str],
+        index_keys: Sequence[str],
+        institutions: Sequence[str],
+    ) -> None:
+        """`load` as one command of the caller's pipeline (`decode_load` reads its reply): a
+        reader that needs other keys too pays one round trip. EVALSHA, not the registered
+        script, so the pipeline does not ask SCRIPT EXISTS first; on NoScriptError call
+        `load_scripts` and send the pipeline again."""
+        keys, args = self.load_command(partition, event_keys, index_keys, institutions)
+        pipe.evalsha(self._load.sha, len(keys), *keys, *args)
+
+    async def load_scripts(self) -> None:
+        await self._client.script_load(_INGEST_LOAD)
+
+    def load_command(
+        self,
+        partition: int,
+        event_keys: Sequence[str],
+        index_keys: Sequence[str],
+        institutions: Sequence[str],
+    ) -> tuple[list[str], list[Any]]:
         keys = [
             *self._day_keys(partition, "seen"),
             *self._day_keys(partition, "ix"),
@@ -483,7 +512,15 @@ class IngestStore:
         ]
         args: list[Any] = [self._days, len(event_keys), *event_keys, len(index_keys)]
         args += [*index_keys, *institutions]
-        reply = await self._load(keys=keys, args=args)
+        return keys, args
+
+    @staticmethod
+    def decode_load(
+        reply: list[Any],
+        event_keys: Sequence[str],
+        index_keys: Sequence[str],
+        institutions: Sequence[str],
+    ) -> IngestLoaded:
         n, m, k = len(event_keys), len(index_keys), len(institutions)
         seen = [d.decode() if d is not None else None for d in reply[:n]]
         index = {
@@ -745,11 +782,27 @@ async def read_states(
 ) -> dict[str, State]:
     """Read states without owning their partitions (read models, the ledger API): one pipelined
     round trip, never a write."""
+    pipe = client.pipeline(transaction=False)
+    queue_states(pipe, prefix, tag, buckets, partitions, keys, codec)
+    return decode_states(keys, await pipe.execute(), codec)
+
+
+def queue_states(
+    pipe: Any,
+    prefix: str,
+    tag: str,
+    buckets: int,
+    partitions: int,
+    keys: Sequence[str],
+    codec: Codec,
+) -> None:
+    """`read_states` as commands of the caller's pipeline, one per key, in `keys`' order."""
     from detectors.pipeline import partition_of
 
-    pipe = client.pipeline(transaction=False)
     for key in keys:
         base = f"{prefix}:{{{tag}{partition_of(key, partitions)}}}"
         pipe.hget(f"{base}:s:{zlib.crc32(key.encode()) % buckets}", codec.field(key))
-    values = await pipe.execute()
+
+
+def decode_states(keys: Sequence[str], values: Sequence[Any], codec: Codec) -> dict[str, State]:
     return {key: codec.unpack(raw) for key, raw in zip(keys, values, strict=True) if raw}

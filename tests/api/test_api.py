@@ -3,16 +3,21 @@ the ingest gateway's answers, NHSA field names, health and metrics."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from api.schemas import CheckAnswer, CodeHistory, EventsAnswer
-from tests.api.conftest import Api, cli
+from streams.services import free_port, stop_process
+from tests.api.conftest import Api, cli, start_api
 from topics.records import InvalidEvent, parse_event
 
 pytestmark = pytest.mark.integration
@@ -254,3 +259,67 @@ def test_health_readiness_and_metrics_by_route(api: Api) -> None:
         schema = client.get("/openapi.json").json()
         assert {"/v1/events", "/v1/settlements/check", "/v1/codes/{code}"} <= set(schema["paths"])
         assert client.get("/docs").status_code == 200
+
+
+def test_the_check_survives_redis_losing_its_scripts(api: Api) -> None:
+    """Redis restarted from its data, or an operator ran SCRIPT FLUSH: the check's pipeline
+    gets NOSCRIPT, loads the script again and answers."""
+    client = redis.Redis.from_url(api.env["REDIS_URL"])
+    try:
+        client.script_flush()
+    finally:
+        client.close()
+    with api.client("P1") as http:
+        answer = http.post("/v1/settlements/check", json=settlement("P1"))
+    assert answer.status_code == 200, answer.text
+    assert CheckAnswer.model_validate(answer.json()).recorded is False
+
+
+def test_several_processes_serve_one_port(api: Api) -> None:
+    """`TRACEWATCH_API_WORKERS=2`: uvicorn's workers build the app from the environment, and
+    SIGTERM to the parent stops them all."""
+    port = free_port()
+    env = {**api.env, "TRACEWATCH_API_PORT": str(port), "TRACEWATCH_API_WORKERS": "2"}
+    proc = start_api(env, port)
+    try:
+        children = _children(proc.pid)
+        assert len(children) >= 2, children  # the workers (and multiprocessing's helper)
+        headers = {"Authorization": f"Bearer {api.tokens['P1']}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
+            for _ in range(6):
+                answer = http.post("/v1/settlements/check", json=settlement("P1"))
+                assert answer.status_code == 200, answer.text
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in children)
+
+
+def _children(pid: int) -> list[int]:
+    deadline = time.monotonic() + 20
+    found: list[int] = []
+    while time.monotonic() < deadline:
+        found = [
+            int(c)
+            for t in Path(f"/proc/{pid}/task").glob("*/children")
+            for c in t.read_text().split()
+        ]
+        if len(found) >= 2:
+            break
+        time.sleep(0.2)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

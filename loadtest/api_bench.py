@@ -1,0 +1,254 @@
+"""The API phase of `make bench`: `POST /v1/settlements/check` under an open-loop load.
+
+Requests go out on a fixed schedule (`rate` a second) whatever the answers do, and each one's
+latency counts from when it was due, not from when the client got round to it: a server that
+stalls is charged for the requests queued behind the stall (no coordinated omission). The bodies
+are settlements of 4 codes built from the bench stream's own products and codes, per
+institution, so they meet real state - most codes were sold already, and the answer carries the
+evidence of where and when, the most expensive path of the check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from streams.services import free_port, stop_process
+
+CODES_PER_CHECK = 4
+
+
+def check_bodies(
+    events: Iterable[dict[str, Any]], count: int, seed: int = 5
+) -> list[tuple[str, bytes]]:
+    """`count` settlements of `CODES_PER_CHECK` codes each, as (institution, JSON body): each
+    from one institution's codes seen in `events` (received or dispensed there), one line per
+    product with a pack per code, dated at the stream's last event."""
+    pool: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    last = ""
+    for event in events:
+        last = max(last, str(event.get("occurred_at") or ""))
+        inst = event.get("institution")
+        if event.get("type") not in ("receipt", "settlement") or not isinstance(inst, str):
+            continue
+        for line in event.get("lines") or ():
+            product = line.get("product")
+            for code in line.get("codes") or ():
+                if isinstance(product, str) and isinstance(code, str):
+                    pool[inst].append((product, code))
+    rich = sorted(inst for inst, pairs in pool.items() if len(pairs) >= CODES_PER_CHECK)
+    if not rich:
+        raise ValueError("no institution in the stream has enough codes to build a check")
+    rng = random.Random(seed)
+    bodies = []
+    for n in range(count):
+        inst = rich[n % len(rich)]
+        by_product: dict[str, list[str]] = defaultdict(list)
+        for product, code in rng.sample(pool[inst], CODES_PER_CHECK):
+            by_product[product].append(code)
+        lines = [
+            {"line_no": i, "product": p, "quantity": len(c), "unit": "pack", "codes": c}
+            for i, (p, c) in enumerate(sorted(by_product.items()), 1)
+        ]
+        body = {
+            "event_id": f"CHK{n:08d}",
+            "type": "settlement",
+            "institution": inst,
+            "occurred_at": last,
+            "settlement_id": f"CHKSID{n:08d}",
+            "patient": f"chk{n % 997:04d}",
+            "lines": lines,
+        }
+        bodies.append((inst, orjson.dumps(body)))
+    return bodies
+
+
+def make_tokens(redis_url: str, prefix: str, institutions: Iterable[str]) -> dict[str, str]:
+    """An API token per institution, made as `tracewatch tokens add` makes them."""
+    from api.auth import INSTITUTION, TokenStore
+    from streams.redis_state import connect
+
+    async def add_all() -> dict[str, str]:
+        client = connect(redis_url)
+        try:
+            store = TokenStore(client, prefix)
+            made = {}
+            for inst in sorted(set(institutions)):
+                made[inst] = (await store.add(INSTITUTION, f"bench {inst}", institution=inst))[0]
+            return made
+        finally:
+            await client.aclose()
+
+    return asyncio.run(add_all())
+
+
+def fire(
+    url: str, requests: list[tuple[str, bytes]], rate: float, connections: int = 32
+) -> dict[str, Any]:
+    """Send `requests` (token, body) at `rate` a second; latencies in ms from when each was
+    due, and the answers by status."""
+    import aiohttp
+
+    async def go() -> dict[str, Any]:
+        latencies: list[float] = []
+        statuses: dict[int, int] = defaultdict(int)
+        connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=60)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as session:
+
+            async def one(due: float, token: str, body: bytes) -> None:
+                try:
+                    async with session.post(
+                        f"{url}/v1/settlements/check",
+                        data=body,
+                        headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json",
+                        },
+                    ) as answer:
+                        await answer.read()
+                        statuses[answer.status] += 1
+                except aiohttp.ClientError:
+                    statuses[0] += 1
+                latencies.append((time.perf_counter() - due) * 1000)
+
+            tasks = set()
+            start = time.perf_counter()
+            for i, (token, body) in enumerate(requests):
+                due = start + i / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                task = asyncio.create_task(one(due, token, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - start
+        return {"latencies": latencies, "statuses": dict(statuses), "elapsed": elapsed}
+
+    return asyncio.run(go())
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU used so far by a process and its children still alive (uvicorn's workers)."""
+    from pathlib import Path
+
+    from loadtest.bench import cpu_seconds
+
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children = task.read_text().split()
+        except OSError:
+            continue
+        total += sum(tree_cpu_seconds(int(child)) for child in children)
+    return total
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def run(
+    env: dict[str, str],
+    redis_url: str,
+    prefix: str,
+    events: list[dict[str, Any]],
+    rate: float = 1000,
+    seconds: float = 20,
+    warmup_seconds: float = 3,
+    processes: int = 2,
+) -> dict[str, Any]:
+    """Start `tracewatch api` with `processes` workers on the pipeline of `env` (its state at
+    rest in Redis), warm it up, then measure `seconds` of checks at `rate`; figures for
+    RESULTS.md. Two processes: one check costs ~1.2 ms of CPU, so one process saturates near
+    800 checks/s on this machine (measured), and the API is built to scale out."""
+    from loadtest.bench import cpu_seconds, log, redis_counters
+    from loadtest.run import ROOT
+
+    count = int(rate * seconds)
+    warm = int(rate * warmup_seconds)
+    bodies = check_bodies(events, count + warm)
+    tokens = make_tokens(redis_url, prefix, (inst for inst, _ in bodies))
+    requests = [(tokens[inst], body) for inst, body in bodies]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "api"],
+        env={
+            **env,
+            "TRACEWATCH_API_PORT": str(port),
+            "TRACEWATCH_API_WORKERS": str(processes),
+            # one client stands for every POS: no token's own limit is under test here
+            "TRACEWATCH_API_RATE": str(rate * 10),
+            "TRACEWATCH_API_BURST": str(rate * 10),
+        },
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        log(f"api: warming up ({warmup_seconds:.0f}s at {rate:,.0f} checks/s)")
+        fire(url, requests[:warm], rate)
+        log(f"api: {seconds:.0f}s at {rate:,.0f} checks/s, {CODES_PER_CHECK} codes each")
+        redis_pid = int(redis_counters(redis_url)["pid"])
+        before = tree_cpu_seconds(proc.pid), cpu_seconds(redis_pid)
+        result: dict[str, Any] = {}
+        # the client in a thread of its own loop: the bench's own process does nothing else now
+        thread = threading.Thread(
+            target=lambda: result.update(fire(url, requests[warm:], rate)), daemon=True
+        )
+        thread.start()
+        thread.join()
+        after = tree_cpu_seconds(proc.pid), cpu_seconds(redis_pid)
+    finally:
+        stop_process(proc)
+    ordered = sorted(result["latencies"])
+    ok = result["statuses"].get(200, 0)
+    figures = {
+        "rate": rate,
+        "processes": processes,
+        "achieved": len(ordered) / result["elapsed"],
+        "n": len(ordered),
+        "ok": ok,
+        "failed": len(ordered) - ok,
+        "p50": statistics.median(ordered),
+        "p99": _percentile(ordered, 0.99),
+        "p999": _percentile(ordered, 0.999),
+        "max": ordered[-1],
+        "cpu_us_api": (after[0] - before[0]) / len(ordered) * 1e6,
+        "cpu_us_redis": (after[1] - before[1]) / len(ordered) * 1e6,
+    }
+    log(
+        f"api: p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms, "
+        f"{figures['failed']} not 200, {figures['cpu_us_api']:.0f} us CPU/check in the API"
+    )
+    return figures
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with code {proc.returncode}; see its log above")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the API at {url} was not ready within {timeout:.0f}s")
