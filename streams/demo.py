@@ -1,8 +1,12 @@
-"""`make run`: broker, Redis, a worker and a generated demo stream, with alerts shown live.
+"""`make run`: broker, Redis, a worker, the HTTP API and a generated demo stream, with alerts
+shown live.
 
 Starts what is missing (see `streams.services`), publishes the sample catalog, starts one worker
-process, produces the demo stream, prints each alert as it arrives, then a summary; it keeps the
-worker up (metrics stay readable) until Ctrl-C, then stops everything it started.
+process and `tracewatch api` beside it, makes an API token for one institution and submits that
+institution's events through `POST /v1/events` as its POS would, produces the rest of the demo
+stream straight to the input topic (`tracewatch produce`), prints each alert as it arrives, then
+a summary; it keeps the worker and the API up (metrics, `/docs` stay readable) until Ctrl-C, then
+stops everything it started.
 """
 
 from __future__ import annotations
@@ -39,6 +43,65 @@ def _wait_for_worker(port: int, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError(f"the worker did not serve /metrics on port {port} within {timeout}s")
 
 
+def _wait_for_api(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with code {proc.returncode}; see its log above")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                return
+        except OSError:  # includes HTTPError: 503 until the broker and Redis answer
+            time.sleep(0.3)
+    raise RuntimeError(f"the API at {url} was not ready within {timeout}s")
+
+
+def split_by_institution(events_file: str, workdir: str) -> tuple[str, list[bytes], str]:
+    """The institution with most events, its lines (for the API), and a file of the rest."""
+    lines = Path(events_file).read_bytes().splitlines()
+    owners: list[str | None] = []
+    for line in lines:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        inst = obj.get("institution") if isinstance(obj, dict) else None
+        owners.append(inst if isinstance(inst, str) else None)
+    counts = collections.Counter(o for o in owners if o is not None)
+    chosen = counts.most_common(1)[0][0]
+    rest = os.path.join(workdir, "events-rest.jsonl")
+    Path(rest).write_bytes(
+        b"".join(line + b"\n" for line, o in zip(lines, owners, strict=True) if o != chosen)
+    )
+    return chosen, [line for line, o in zip(lines, owners, strict=True) if o == chosen], rest
+
+
+def submit(url: str, token: str, lines: list[bytes], batch: int = 500) -> collections.Counter[str]:
+    """POST the lines as JSON lines, `batch` a request, as a POS uploads; results by status."""
+    import urllib.error
+    import urllib.request
+
+    results: collections.Counter[str] = collections.Counter()
+    for start in range(0, len(lines), batch):
+        request = urllib.request.Request(
+            f"{url}/v1/events",
+            data=b"\n".join(lines[start : start + batch]),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-ndjson"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                body = orjson.loads(answer.read())
+        except urllib.error.HTTPError as exc:  # 400: every event of the batch was invalid
+            body = orjson.loads(exc.read() or b"{}")
+            if "results" not in body:
+                raise RuntimeError(f"the API answered {exc.code}: {body}") from None
+        results.update(r["status"] for r in body["results"])
+    return results
+
+
 def _format(alert: dict[str, Any]) -> str:
     where = alert.get("code") or alert.get("product") or ""
     return (
@@ -68,14 +131,34 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
         if not svc.redis_owned:
             # A Redis we did not start may hold other data: keep ours apart.
             env["TRACEWATCH_REDIS_PREFIX"] = f"twdemo{time.time_ns()}"
+        api_port = free_port()
+        env["TRACEWATCH_API_PORT"] = str(api_port)
+        api_url = f"http://127.0.0.1:{api_port}"
         by_rule: collections.Counter[str] = collections.Counter()
         seen: list[dict[str, Any]] = []
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env)
+        api: subprocess.Popen[bytes] | None = None
         try:
             _wait_for_worker(web_port, worker)
             print(f"worker up; Prometheus metrics at http://127.0.0.1:{web_port}/metrics")
+            api = subprocess.Popen([sys.executable, "-m", "streams.cli", "api"], env=env)
+            _wait_for_api(api_url, api)
+            print(f"API up at {api_url} (OpenAPI at {api_url}/docs)")
+            chosen, through_api, rest = split_by_institution(data["events"], workdir)
+            token = subprocess.run(
+                [sys.executable, "-m", "streams.cli", "tokens", "add", chosen],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            results = submit(api_url, token, through_api)
+            print(
+                f"through the HTTP API: {len(through_api)} events of {chosen} "
+                f"({', '.join(f'{n} {status}' for status, n in sorted(results.items()))})"
+            )
             subprocess.run(
-                [sys.executable, "-m", "streams.cli", "produce", data["events"], "--allow-invalid"],
+                [sys.executable, "-m", "streams.cli", "produce", rest, "--allow-invalid"],
                 env=env,
                 check=True,
             )
@@ -99,8 +182,13 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 f"precision {result.precision():.3f}, recall {result.recall():.3f}"
             )
             print(f"  metrics: http://127.0.0.1:{web_port}/metrics")
+            # the token goes to a file only its owner reads, never to the terminal's scrollback
+            token_file = Path(workdir, "api-token")
+            token_file.touch(mode=0o600)
+            token_file.write_text(token + "\n")
+            print(f"  API: {api_url}/docs (a token for {chosen} is in {token_file})")
             if not exit_when_done:
-                print("running; Ctrl-C stops the worker, broker and Redis", flush=True)
+                print("running; Ctrl-C stops the worker, the API, broker and Redis", flush=True)
                 # sigwait only sees signals that are blocked: unblocked, Ctrl-C went to Python's
                 # handler, which cannot run while sigwait waits, and the demo never stopped.
                 stop = {signal.SIGINT, signal.SIGTERM}
@@ -109,6 +197,8 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
         except KeyboardInterrupt:
             pass
         finally:
+            if api is not None:
+                stop_process(api)
             stop_process(worker)
         print("stopped")
     return 0 if by_rule else 1

@@ -37,6 +37,9 @@ def test_demo_shows_alerts_and_stops(svc: Services, redis_prefix: str) -> None:
     out = result.stdout
     assert "Prometheus metrics at http://127.0.0.1:" in out
     assert "NO_CODE" in out and "alerts total:" in out
+    # part of the stream went through POST /v1/events, and the broker confirmed it
+    api_line = next(ln for ln in out.splitlines() if ln.startswith("through the HTTP API:"))
+    assert int(api_line.split("(")[1].split(" accepted")[0].split()[-1]) > 0, api_line
     total = int(out.split("alerts total:")[1].split()[0])
     assert total > 0
     assert out.rstrip().endswith("stopped")
