@@ -34,7 +34,7 @@ def check_bodies(
     """`count` settlements of `CODES_PER_CHECK` codes each, as (institution, JSON body): each
     from one institution's codes seen in `events` (received or dispensed there), one line per
     product with a pack per code, dated at the stream's last event."""
-    pool: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    pool: dict[str, dict[str, str]] = defaultdict(dict)  # institution -> code -> product
     last = ""
     for event in events:
         last = max(last, str(event.get("occurred_at") or ""))
@@ -45,8 +45,9 @@ def check_bodies(
             product = line.get("product")
             for code in line.get("codes") or ():
                 if isinstance(product, str) and isinstance(code, str):
-                    pool[inst].append((product, code))
-    rich = sorted(inst for inst, pairs in pool.items() if len(pairs) >= CODES_PER_CHECK)
+                    pool[inst].setdefault(code, product)
+    rich = sorted(inst for inst, codes in pool.items() if len(codes) >= CODES_PER_CHECK)
+    choices = {inst: sorted(pool[inst].items()) for inst in rich}
     if not rich:
         raise ValueError("no institution in the stream has enough codes to build a check")
     rng = random.Random(seed)
@@ -54,7 +55,7 @@ def check_bodies(
     for n in range(count):
         inst = rich[n % len(rich)]
         by_product: dict[str, list[str]] = defaultdict(list)
-        for product, code in rng.sample(pool[inst], CODES_PER_CHECK):
+        for code, product in rng.sample(choices[inst], CODES_PER_CHECK):
             by_product[product].append(code)
         lines = [
             {"line_no": i, "product": p, "quantity": len(c), "unit": "pack", "codes": c}
