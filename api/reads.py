@@ -3,7 +3,8 @@ check needs, and a code's history.
 
 The reads go to the very keys the workers own (`streams.redis_state`): ingest's memory of the
 institution's input partition, the ledger states of the settlement's products and the code
-states of its codes, in one pipelined round trip. Input partitions are found the way the
+states of its codes, in one round trip of two replies (ingest's load script, and a script
+reading every state field at once). Input partitions are found the way the
 producers place events, by librdkafka's default partitioner (CRC-32 of the institution), which
 `tracewatch produce` and the API's gateway use.
 """
@@ -24,7 +25,13 @@ from detectors.precheck import Check, check, state_keys
 from detectors.routing import IngestView
 from detectors.stage import State, lane_of
 from streams.codecs import CodeCodec, JsonCodec
-from streams.redis_state import IngestStore, decode_states, queue_states, read_states
+from streams.redis_state import (
+    READ_FIELDS,
+    IngestStore,
+    decode_states,
+    read_states,
+    state_fields,
+)
 from streams.settings import Settings
 from topics import names
 from topics.records import Event
@@ -40,6 +47,7 @@ class StateReader:
         self._ingest = IngestStore(client, settings.redis_prefix, settings.seen_ttl_days)
         self._json = JsonCodec()
         self._code = CodeCodec()
+        self._read_fields = client.register_script(READ_FIELDS)
 
     async def code_states(self, keys: list[str]) -> dict[str, State]:
         s = self._settings
@@ -61,41 +69,44 @@ class StateReader:
         partition = partition_of(event.institution, names.EVENTS.partitions)
         lookups = IngestView.lookups(event)
 
-        # one round trip for everything: each one more costs ~100 us of client CPU
+        ledger_at = state_fields(
+            s.redis_prefix,
+            LEDGER_PART,
+            s.state_buckets,
+            names.BY_LEDGER.partitions,
+            ledger_keys,
+            self._json,
+        )
+        code_at = state_fields(
+            s.redis_prefix,
+            CODE_PART,
+            s.state_buckets,
+            names.BY_CODE.partitions,
+            code_keys,
+            self._code,
+        )
+        fields = [*ledger_at, *code_at]
+        read_keys = [*(h for h, _ in fields), submitted_key(s.redis_prefix, event.key)]
+        read_args: list[int | bytes] = [len(fields), *(f for _, f in fields)]
+
+        # One round trip of two replies for everything: each reply costs the client CPU.
         def pipeline() -> Any:
             pipe = self._client.pipeline(transaction=False)
             self._ingest.queue_load(pipe, partition, [event.key], lookups, [event.institution])
-            queue_states(
-                pipe,
-                s.redis_prefix,
-                LEDGER_PART,
-                s.state_buckets,
-                names.BY_LEDGER.partitions,
-                ledger_keys,
-                self._json,
-            )
-            queue_states(
-                pipe,
-                s.redis_prefix,
-                CODE_PART,
-                s.state_buckets,
-                names.BY_CODE.partitions,
-                code_keys,
-                self._code,
-            )
-            pipe.get(submitted_key(s.redis_prefix, event.key))
+            pipe.evalsha(self._read_fields.sha, len(read_keys), *read_keys, *read_args)
             return pipe
 
         try:
-            replies = await pipeline().execute()
+            ingest_reply, values = await pipeline().execute()
         except NoScriptError:  # Redis restarted or flushed its scripts since start
             await self._ingest.load_scripts()
-            replies = await pipeline().execute()
-        ingest = IngestStore.decode_load(replies[0], [event.key], lookups, [event.institution])
-        n = 1 + len(ledger_keys)
-        ledger = decode_states(ledger_keys, replies[1:n], self._json)
-        codes = decode_states(code_keys, replies[n : n + len(code_keys)], self._code)
-        accepted = replies[-1] is not None
+            await self._client.script_load(READ_FIELDS)
+            ingest_reply, values = await pipeline().execute()
+        ingest = IngestStore.decode_load(ingest_reply, [event.key], lookups, [event.institution])
+        n = len(ledger_keys)
+        ledger = decode_states(ledger_keys, values[:n], self._json)
+        codes = decode_states(code_keys, values[n : n + len(code_keys)], self._code)
+        accepted = values[-1] is not None
         clock = LaneClock()
         lane = lane_of(event.institution)
         if event.institution in ingest.own:
