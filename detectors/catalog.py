@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from biip.checksums import gs1_standard_check_digit
 
 
 class ReferenceDataError(ValueError):
@@ -51,6 +52,13 @@ def product_from_dict(obj: Any, where: str) -> Product:
         isinstance(g, str) and g.isdigit() and len(g) in (8, 12, 13, 14) for g in gtins
     ):
         raise ReferenceDataError(f"{where}: gtins must be a list of GTIN digit strings")
+    for gtin in gtins:
+        digit = gs1_standard_check_digit(gtin[:-1])
+        if digit != int(gtin[-1]):
+            raise ReferenceDataError(
+                f"{where}: GTIN {gtin} has a bad check digit (a valid one ends in {digit}): "
+                "copy it again from the package or the supplier's master data"
+            )
     code_required = obj.get("code_required", True)
     if not isinstance(code_required, bool):
         raise ReferenceDataError(f"{where}: code_required must be true or false")
@@ -100,11 +108,39 @@ def iter_jsonl(lines: Iterable[bytes | str], source: str) -> Iterator[tuple[str,
 
 
 def load_catalog(path: str) -> Catalog:
+    """A catalog file, refused whole (naming the file and line) when an entry is bad or two
+    entries claim one product, prefix or GTIN: a code must map to one product, and a catalog
+    half applied would judge the same box differently before and after the fix."""
     try:
         with open(path, "rb") as fh:
-            return Catalog(product_from_dict(obj, where) for where, obj in iter_jsonl(fh, path))
+            entries = [
+                (where, product_from_dict(obj, where)) for where, obj in iter_jsonl(fh, path)
+            ]
     except OSError as exc:
         raise ReferenceDataError(f"{path}: cannot read catalog ({exc.strerror})") from None
+    if not entries:
+        raise ReferenceDataError(
+            f"{path}: no products: with an empty catalog every line's product is unknown; "
+            "check that this is the catalog file"
+        )
+    claimed: dict[tuple[str, str], tuple[str, str]] = {}  # (kind, value) -> (product, where)
+    for where, product in entries:
+        claims = [("product", product.product)]
+        claims += [("prefix", prefix) for prefix in product.prefixes]
+        claims += [("GTIN", gtin) for gtin in product.gtins]
+        for kind, value in claims:
+            first = claimed.setdefault((kind, value), (product.product, where))
+            if first[1] == where:
+                continue
+            if kind == "product":
+                raise ReferenceDataError(
+                    f"{where}: product {value!r} is listed already ({first[1]}): keep one entry"
+                )
+            raise ReferenceDataError(
+                f"{where}: {kind} {value} of {product.product!r} belongs to {first[0]!r} already "
+                f"({first[1]}): a code must map to one product"
+            )
+    return Catalog(product for _, product in entries)
 
 
 INSTITUTION_KINDS = frozenset({"pharmacy", "hospital", "clinic"})

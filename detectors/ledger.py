@@ -119,8 +119,7 @@ class LedgerStage(BaseStage):
             if kind == "legacy_stock":
                 entry["legacy"] = entry.get("legacy", 0) + record["u"]
             if kind == "settlement":
-                rules = self._no_code(entry, record, out)
-                out.line_rules(record["vk"], record["ln"], rules)
+                self.judge_settlement(record, state, out)
             if not record.get("dup"):
                 sign, total = _DIRECTION[kind]
                 if kind in _DISPENSES:
@@ -133,6 +132,18 @@ class LedgerStage(BaseStage):
                 else:
                     self._add(entry, record, CHANGE, total, sign * record["u"])
         self._settle(key, entry, out, frame, record)
+
+    def judge_settlement(self, record: Record, state: dict[str, State], out: StageOutput) -> None:
+        """A settlement line's verdict from the ledger: NO_CODE unless registered legacy stock
+        covers it. `apply` calls it; the pre-settlement check calls it alone, since it is the
+        whole of what the ledger decides about a settlement - it draws the legacy stock down,
+        which is all a later line of the same settlement depends on, and the stock figures
+        (OVERSOLD) wait for event time and reject nothing."""
+        entry = state.get(record["k"])
+        if entry is None:
+            entry = state[record["k"]] = {}
+        rules = self._no_code(entry, record, out)
+        out.line_rules(record["vk"], record["ln"], rules)
 
     def fire(self, key: str, state: dict[str, State], out: StageOutput, frame: TimeFrame) -> None:
         entry = state.get(key)

@@ -1,9 +1,11 @@
 """The pre-settlement check (事前提醒): the verdict the stream would give a settlement now.
 
-Nothing here decides a rule. The settlement is routed by `detectors.routing.route` and its
-records applied by the ledger and code stages themselves (`LedgerStage.apply`,
-`CodeStage.apply`, which judge through `code_state.judge`), on states the caller loaded for this
-check alone and throws away afterwards; the verdict is assembled by `settlement_gate.verdict`.
+Nothing here decides a rule. The settlement is routed by `detectors.routing.route`, its ledger
+records judged by the ledger's own `LedgerStage.judge_settlement` (what `apply` decides about a
+settlement: NO_CODE against legacy stock; the stock figures it also updates wait for event time
+and reject nothing) and its code records applied by `CodeStage.apply` (which judges through
+`code_state.judge`), on states the caller loaded for this check alone and throws away
+afterwards; the verdict is assembled by `settlement_gate.verdict`.
 So the check and the stream cannot disagree about a rule: they run one implementation. They
 agree about a settlement when the states are the ones the stream will apply it to - checked and
 then submitted with nothing in between.
@@ -69,7 +71,8 @@ def check(
     out = StageOutput()
     ledger = LedgerStage(grace_seconds)
     for record in routed.ledger:
-        ledger.apply(record, ledger_states, out, frame)
+        if record["t"] == "settlement":
+            ledger.judge_settlement(record, ledger_states, out)
     codes = CodeStage(grace_seconds)
     for record in routed.codes:
         codes.apply(record, code_states, out, frame)

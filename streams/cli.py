@@ -1,6 +1,7 @@
 """`tracewatch`: the one entry point (CONTRACT.md, "Command line").
 
-Exit codes: 0 success; 2 bad usage or a bad input file, with a message naming the file and line.
+Exit codes: 0 success; 2 bad usage, a bad input file (with a message naming the file and line)
+or a broker that cannot be reached.
 """
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
 
 from detectors.catalog import ReferenceDataError, iter_jsonl, load_catalog
+from streams.kafka_config import BrokerUnreachable, reachable
 from streams.settings import Settings
 
 EXIT_BAD_INPUT = 2
@@ -53,11 +57,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     gc_tuning.tune()
     dead = 0
     with contextlib.ExitStack() as files:
-        out: IO[bytes] = (
-            files.enter_context(open(args.out, "wb")) if args.out else sys.stdout.buffer
-        )
+        out: IO[bytes] = files.enter_context(_create(args.out)) if args.out else sys.stdout.buffer
         verdicts_out: IO[bytes] | None = (
-            files.enter_context(open(args.verdicts, "wb")) if args.verdicts else None
+            files.enter_context(_create(args.verdicts)) if args.verdicts else None
         )
         for number, line in enumerate(_open_lines(args.events), 1):
             if not line.strip():
@@ -88,10 +90,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     verdicts_out.write(orjson.dumps(verdict) + b"\n")
     if dead:
         print(
-            f"{dead} invalid events (the worker sends these to the dead-letter topic)",
+            f"{args.events}: {dead} invalid events, skipped (the worker sends these to the "
+            "dead-letter topic)" + ("" if args.allow_invalid else "; exit code 2"),
             file=sys.stderr,
         )
+        return 0 if args.allow_invalid else EXIT_BAD_INPUT
     return 0
+
+
+def _create(path: str) -> IO[bytes]:
+    try:
+        return open(path, "wb")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write ({exc.strerror}); choose another --out") from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -128,6 +139,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             if not args.allow_invalid:
                 raise BadInput(f"{args.events} line {number}: not valid JSON ({exc})") from None
         messages.append((line, key))
+    reachable(bootstrap)
     producer = OutputProducer(bootstrap)
     producer.warm_up(names.EVENTS.name)
     # Keyed by institution: one institution's events stay in order in one partition.
@@ -187,13 +199,100 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
     bootstrap = Settings().require_kafka()
     topic = names.VERDICTS.name if args.verdicts else names.ALERTS.name
+    wanted = AlertFilter(args.rule, args.institution, _since(args.since))
+    reachable(bootstrap)
+    shown = 0
     try:
-        for value in follow_topic(bootstrap, topic, args.from_beginning, args.timeout, args.max):
-            sys.stdout.buffer.write(value + b"\n")
+        for value in follow_topic(
+            bootstrap, topic, args.from_beginning or args.since is not None, args.timeout
+        ):
+            try:
+                message = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(message, dict) or not wanted.matches(message):
+                continue
+            if args.format == "table":
+                if shown % 40 == 0:
+                    print(_TABLE.format(*_COLUMNS))
+                print(_row(message))
+            else:
+                sys.stdout.buffer.write(value + b"\n")
             sys.stdout.flush()
+            shown += 1
+            if args.max is not None and shown >= args.max:
+                break
     except KeyboardInterrupt:
         pass
     return 0
+
+
+@dataclass(frozen=True)
+class AlertFilter:
+    rules: list[str] | None = None
+    institutions: list[str] | None = None
+    since: datetime.datetime | None = None
+
+    def matches(self, message: dict[str, Any]) -> bool:
+        if self.rules and message.get("rule") not in self.rules:
+            return False
+        if self.institutions and message.get("institution") not in self.institutions:
+            return False
+        if self.since is not None:
+            try:
+                at = datetime.datetime.fromisoformat(str(message.get("occurred_at")))
+            except ValueError:
+                return False
+            if at.tzinfo is None or at < self.since:
+                return False
+        return True
+
+
+_AGE = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str | None, now: float | None = None) -> datetime.datetime | None:
+    if text is None:
+        return None
+    text = text.strip()
+    if text[:-1].isdigit() and text[-1:] in _AGE:
+        at = (time.time() if now is None else now) - int(text[:-1]) * _AGE[text[-1]]
+        return datetime.datetime.fromtimestamp(at, datetime.UTC)
+    try:
+        since = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        since = None
+    if since is None or since.tzinfo is None:
+        raise BadInput(
+            f"--since {text!r}: give an ISO-8601 time with its offset "
+            "(2026-11-20T08:00:00+08:00) or an age (30m, 6h, 7d)"
+        )
+    return since
+
+
+_COLUMNS = ("occurred_at", "severity", "rule", "institution", "code / product", "status")
+_TABLE = "{:<25} {:<8} {:<24} {:<10} {:<28} {}"
+
+
+def _row(message: dict[str, Any]) -> str:
+    if "verdict" in message:  # a verdict, from --verdicts
+        rules = sorted({r for line in message.get("lines") or () for r in line.get("rules", ())})
+        return _TABLE.format(
+            str(message.get("occurred_at", "")),
+            "",
+            ",".join(rules) or "-",
+            str(message.get("institution", "")),
+            str(message.get("settlement_id", "")),
+            str(message.get("verdict", "")),
+        )
+    return _TABLE.format(
+        str(message.get("occurred_at", "")),
+        str(message.get("severity", "")),
+        str(message.get("rule", "")),
+        str(message.get("institution", "")),
+        str(message.get("code") or message.get("product") or ""),
+        str(message.get("status") or "standing"),
+    )
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -212,16 +311,23 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     settings = Settings()
     catalog = load_catalog(args.file)
 
-    async def publish() -> None:
+    async def publish() -> int:
         client = connect(settings.redis_url)
         producer = OutputProducer(settings.kafka_bootstrap) if settings.kafka_bootstrap else None
         try:
-            await CatalogCache(client, settings.redis_prefix).publish(catalog, producer)
+            cache = CatalogCache(client, settings.redis_prefix)
+            before = await cache.size()
+            await cache.publish(catalog, producer)
+            return before
         finally:
             await client.aclose()
 
-    asyncio.run(publish())
-    print(f"catalog published: {len(catalog)} products", file=sys.stderr)
+    before = asyncio.run(publish())
+    print(
+        f"catalog published: {len(catalog)} products, replacing the {before} published before "
+        "(a catalog is replaced whole, never merged: publish the full list)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -372,22 +478,173 @@ def cmd_institutions(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracewatch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+_KAFKA = "KAFKA_BOOTSTRAP (and KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*: streams/kafka_config.py)"
+_REDIS = "REDIS_URL, TRACEWATCH_REDIS_PREFIX"
+_TOPICS = "TRACEWATCH_TOPIC_PREFIX (topic names: topics/names.py)"
 
-    p = sub.add_parser("replay", help="run the detectors over a JSONL file, in one process")
+SHORT = {
+    "replay": "run the detectors over a JSONL file in one process (no Kafka, no Redis)",
+    "worker": "run the stream processor",
+    "produce": "send a JSONL file of events to the input topic",
+    "alerts": "follow the alerts (or verdicts) topic: JSON lines or a table, filtered",
+    "topics": "create the pipeline's topics on the cluster",
+    "catalog": "publish a catalog JSONL to the workers (replaces the catalog)",
+    "rebuild": "rebuild the workers' Redis state from the input topic (workers stopped)",
+    "ledger": "an institution's 进销存 figures per product (from Redis)",
+    "loadtest": "generated stream with ground truth: score replay and stream",
+    "api": "the HTTP API: ingest, pre-settlement check, code history",
+    "tokens": "API tokens: add INSTITUTION | add --inspector --region R NAME | revoke ID | list",
+    "institutions": "replace the institution registry (region, kind) in Redis",
+    "demo": "embedded broker + Redis + worker + API + demo stream (make run)",
+}
+
+# name -> (what it does, the environment it reads, an example)
+HELP: dict[str, tuple[str, list[str], str]] = {
+    "replay": (
+        "Run the detectors over a JSONL file of events in one process, in file order, without "
+        "Kafka or Redis; the alerts are the streaming pipeline's for the same input. Invalid "
+        "lines are reported (file and line) and skipped; then the exit code is 2 unless "
+        "--allow-invalid.",
+        ["TRACEWATCH_GRACE_HOURS", "TRACEWATCH_IDLE_HOURS"],
+        "tracewatch replay examples/events.jsonl --catalog examples/catalog.jsonl --out alerts.jsonl",
+    ),
+    "worker": (
+        "Run the stream processor: consume the input topic, keep state in Redis, write alerts "
+        "and verdicts. Run several for more throughput; they share the partitions.",
+        [
+            _KAFKA,
+            _REDIS,
+            _TOPICS,
+            "TRACEWATCH_CATALOG",
+            "TRACEWATCH_WEB_PORT (metrics)",
+            "the rest: streams/settings.py",
+        ],
+        "KAFKA_BOOTSTRAP=kafka:9092 REDIS_URL=redis://redis:6379/0 tracewatch worker",
+    ),
+    "produce": (
+        "Send a JSONL file of events to the input topic, keyed by institution, and wait until "
+        "the broker confirmed them. A line that is not an event object stops it (exit 2) "
+        "unless --allow-invalid; an unreachable broker stops it within seconds (exit 2).",
+        [_KAFKA, _TOPICS],
+        "tracewatch produce examples/events.jsonl",
+    ),
+    "alerts": (
+        "Follow the alerts topic (or the verdicts topic) and print each message, as JSON lines "
+        "or a table, optionally filtered by rule, institution and event time.",
+        [_KAFKA, _TOPICS],
+        "tracewatch alerts --from-beginning --rule DUPLICATE_SALE --since 24h --format table",
+    ),
+    "topics": (
+        "Create every topic of the pipeline on the cluster (partitions, retention, "
+        "LogAppendTime stamps on the input topic); existing topics are kept.",
+        [_KAFKA, _TOPICS],
+        "tracewatch topics",
+    ),
+    "catalog": (
+        "Publish a catalog JSONL to the workers: it replaces the catalog in Redis whole (it "
+        "does not merge) and goes to the catalog topic. The file is refused, naming the line, "
+        "when it is empty, lists a product twice, gives one prefix or GTIN to two products, or "
+        "holds a GTIN with a bad check digit.",
+        [_REDIS, "KAFKA_BOOTSTRAP (optional: the catalog topic)", _TOPICS],
+        "tracewatch catalog examples/catalog.jsonl",
+    ),
+    "rebuild": (
+        "Rebuild the workers' Redis state from the input topic (stop the workers first): the "
+        "input topic is the record.",
+        [_KAFKA, _REDIS, _TOPICS, "TRACEWATCH_CATALOG"],
+        "tracewatch rebuild --catalog examples/catalog.jsonl",
+    ),
+    "ledger": (
+        "Print an institution's purchase-sale-stock (进销存) figures per product, from the "
+        "workers' Redis state.",
+        [_REDIS],
+        "tracewatch ledger P0001 XA001",
+    ),
+    "loadtest": (
+        "Generate a stream with ground truth, run it through replay and the streaming "
+        "pipeline (embedded broker and a private Redis unless set), and score both.",
+        ["KAFKA_BOOTSTRAP, REDIS_URL (optional)"],
+        "tracewatch loadtest --events 20000",
+    ),
+    "api": (
+        "Serve the HTTP API: event ingest for POS/HIS (POST /v1/events), the pre-settlement "
+        "check (POST /v1/settlements/check), code history (GET /v1/codes/{code}); OpenAPI at "
+        "/openapi.json, docs at /docs.",
+        [_KAFKA, _REDIS, _TOPICS, "TRACEWATCH_API_* (api/config.py: port 8080, limits)"],
+        "TRACEWATCH_API_HOST=0.0.0.0 tracewatch api",
+    ),
+    "tokens": (
+        "Manage API tokens, stored hashed in Redis: add one for an institution or an "
+        "inspector's region (printed once), revoke by id, list.",
+        [_REDIS],
+        "tracewatch tokens add P0001; tracewatch tokens add --inspector --region 330100 'Hangzhou'",
+    ),
+    "institutions": (
+        "Replace the institution registry (name, kind, 6-digit region) in Redis: inspectors' "
+        "tokens read the institutions of their region.",
+        [_REDIS],
+        "tracewatch institutions examples/institutions.jsonl",
+    ),
+    "demo": (
+        "What `make run` runs: broker and Redis (embedded unless set), a worker, the API, a "
+        "generated demo stream partly through the API; alerts live; Ctrl-C stops everything.",
+        ["KAFKA_BOOTSTRAP, REDIS_URL (optional)", "TRACEWATCH_DEMO_EXIT=1 (stop when done)"],
+        "tracewatch demo --events 3000",
+    ),
+}
+
+
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    summary, env, example = HELP[name]
+    epilog = "environment:\n" + "".join(f"  {e}\n" for e in env) + f"\nexample:\n  {example}"
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=SHORT[name],
+        description=summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("tracewatch")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracewatch",
+        description=__doc__.splitlines()[0],
+        epilog="`tracewatch COMMAND --help` says what a command does, what it reads, and shows "
+        "an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"tracewatch {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "replay")
     p.add_argument("events")
     p.add_argument("--catalog", required=True)
     p.add_argument("--institutions")
     p.add_argument("--out", help="alerts file (default stdout)")
     p.add_argument("--verdicts", help="write settlement verdicts to this file")
+    p.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="exit 0 even when lines were invalid (they are still reported)",
+    )
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("worker", help="run the stream processor (KAFKA_BOOTSTRAP, REDIS_URL)")
+    p = _command(sub, "worker")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("produce", help="send a JSONL file of events to the input topic")
+    p = _command(sub, "produce")
     p.add_argument("events")
     p.add_argument(
         "--allow-invalid",
@@ -396,34 +653,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("alerts", help="follow the alerts topic and print alerts")
+    p = _command(sub, "alerts")
     p.add_argument("--from-beginning", action="store_true")
-    p.add_argument("--max", type=int, help="stop after this many")
+    p.add_argument("--max", type=int, help="stop after printing this many")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--verdicts", action="store_true", help="follow the verdicts topic instead")
+    p.add_argument("--rule", action="append", help="only this rule (repeat for several)")
+    p.add_argument(
+        "--institution", action="append", help="only this institution (repeat for several)"
+    )
+    p.add_argument(
+        "--since",
+        help="only what occurred (event time) at or after this: an ISO-8601 time with offset, "
+        "or an age like 30m, 6h, 7d; reads the topic from the beginning",
+    )
+    p.add_argument("--format", choices=("json", "table"), default="json")
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("topics", help="create the pipeline's topics on KAFKA_BOOTSTRAP")
+    p = _command(sub, "topics")
     p.set_defaults(func=cmd_topics)
 
-    p = sub.add_parser("catalog", help="publish a catalog JSONL to the workers (Redis and topic)")
+    p = _command(sub, "catalog")
     p.add_argument("file")
     p.set_defaults(func=cmd_catalog)
 
-    p = sub.add_parser(
-        "rebuild", help="rebuild the workers' Redis state from the input topic (workers stopped)"
-    )
+    p = _command(sub, "rebuild")
     p.add_argument("--catalog", help="catalog JSONL (default TRACEWATCH_CATALOG)")
     p.set_defaults(func=cmd_rebuild)
 
-    p = sub.add_parser("ledger", help="an institution's 进销存 figures per product (from Redis)")
+    p = _command(sub, "ledger")
     p.add_argument("institution")
     p.add_argument("product", nargs="?")
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser(
-        "loadtest", help="generated stream with ground truth: score replay and stream"
-    )
+    p = _command(sub, "loadtest")
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--fraud-scale", type=float, default=1.0, help="multiply every fraud rate")
@@ -431,17 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where to write the dataset (default: a temporary folder)")
     p.set_defaults(func=cmd_loadtest)
 
-    p = sub.add_parser(
-        "api",
-        help="the HTTP API: event ingest, pre-settlement check, code history (port "
-        "TRACEWATCH_API_PORT, default 8080)",
-    )
+    p = _command(sub, "api")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser(
-        "tokens",
-        help="API tokens: add INSTITUTION | add --inspector --region R NAME | revoke ID | list",
-    )
+    p = _command(sub, "tokens")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("add", help="make a token; it is printed once, on stdout")
     a.add_argument("subject", help="the institution code (with --inspector: the holder's name)")
@@ -454,13 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("subject", nargs="?", default="", help="only this institution or region")
     p.set_defaults(func=cmd_tokens)
 
-    p = sub.add_parser(
-        "institutions", help="replace the institution registry (JSONL: region, kind) in Redis"
-    )
+    p = _command(sub, "institutions")
     p.add_argument("file")
     p.set_defaults(func=cmd_institutions)
 
-    p = sub.add_parser("demo", help="embedded broker + Redis + worker + demo stream (make run)")
+    p = _command(sub, "demo")
     p.add_argument("--events", type=int, default=3000)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
@@ -473,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: Any = args.func(args)
         return int(result or 0)
-    except (BadInput, ReferenceDataError) as exc:
+    except (BadInput, ReferenceDataError, BrokerUnreachable) as exc:
         print(f"tracewatch: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

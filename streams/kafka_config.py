@@ -63,6 +63,33 @@ def client_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, **security(), **overrides}
 
 
+class BrokerUnreachable(Exception):
+    """No broker of the bootstrap list answered: said in one line, not librdkafka's retries."""
+
+
+def reachable(bootstrap: str, timeout: float = 8.0) -> None:
+    """Ask the cluster for its metadata, librdkafka's own log silenced; `BrokerUnreachable`
+    within `timeout` seconds if nobody answers. For the one-shot commands: a worker waits
+    for its broker instead."""
+    import logging
+
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    quiet = logging.getLogger("tracewatch.librdkafka.probe")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
+    admin = AdminClient(client_config(bootstrap, logger=quiet))
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+        raise BrokerUnreachable(
+            f"cannot reach the Kafka broker at {bootstrap} within {timeout:.0f} s ({reason}): "
+            "is KAFKA_BOOTSTRAP right, and is the broker up?"
+        ) from None
+
+
 def faust_credentials() -> Any:
     """The same principal for Faust's aiokafka clients, or None for PLAINTEXT."""
     config = security()

@@ -65,6 +65,10 @@ class CatalogCache:
                 producer.produce(names.CATALOG.name, value, product)
             await producer.flush()
 
+    async def size(self) -> int:
+        """Products in the catalog published now."""
+        return int(await self._client.hlen(self._hash))
+
     async def publish_file(self, path: str, producer: OutputProducer | None = None) -> Catalog:
         catalog = load_catalog(path)
         await self.publish(catalog, producer)
