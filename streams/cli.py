@@ -1,7 +1,9 @@
 """`tracewatch`: the one entry point (CONTRACT.md, "Command line").
 
-Exit codes: 0 success; 2 bad usage, a bad input file (with a message naming the file and line)
-or a broker that cannot be reached.
+Exit codes: 0 success; 2 bad usage or settings, a bad input file (with a message naming the file
+and line) or a broker that cannot be reached; 1 when the command ran and the answer is no (no
+ledger for the institution, no token with that id, a loadtest that scored below 1.0, a rebuild
+refused because the prefix holds state).
 """
 
 from __future__ import annotations
@@ -729,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except (BadInput, ReferenceDataError, BrokerUnreachable) as exc:
         print(f"tracewatch: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        # a setting that cannot work (KAFKA_BOOTSTRAP unset, a bad KAFKA_SECURITY_PROTOCOL)
+        print(f"tracewatch: {exc.code}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

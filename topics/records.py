@@ -162,10 +162,10 @@ def normalise_id(value: Any) -> str | None:
 
 def _str(obj: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
     value = obj.get(name)
-    if value is None:
+    if value is None or (not required and isinstance(value, str) and not value.strip()):
         if required:
             raise InvalidEvent("missing_field", f"{where}{name} is required")
-        return None
+        return None  # an optional field sent blank is not given
     text = normalise_id(value)
     if text is None:
         raise InvalidEvent(
@@ -266,7 +266,6 @@ def _line(obj: Any, index: int) -> Line:
         split = False
     if not isinstance(split, bool):
         raise InvalidEvent("bad_field", f"{where}split must be true or false")
-    batch = obj.get("batch")
     return Line(
         line_no=line_no,
         product=_str(obj, "product", where) or "",
@@ -274,7 +273,9 @@ def _line(obj: Any, index: int) -> Line:
         unit=_unit(obj, where),
         split=split,
         codes=_codes(obj, where),
-        batch=batch if isinstance(batch, str) and len(batch) <= BOUNDS.id_chars else None,
+        # optional, but never dropped silently: a batch that cannot be right dead-letters the
+        # event like any other bad field (numbers are taken as their text, as ids are)
+        batch=_str(obj, "batch", where, required=False),
     )
 
 
@@ -337,8 +338,7 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         common["lines"] = parsed
         if etype == "settlement":
             common["settlement_id"] = _str(obj, "settlement_id", "")
-            patient = obj.get("patient")
-            common["patient"] = normalise_id(patient) if patient is not None else None
+            common["patient"] = _str(obj, "patient", "", required=False)
         elif etype == "sale":
             common["settlement_id"] = _str(obj, "settlement_id", "", required=False)
         elif etype == "sale_return":

@@ -199,3 +199,16 @@ def test_alerts_filters_a_real_topic_into_a_table(svc: Services, redis_prefix: s
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert [orjson.loads(x)["alert_id"] for x in lines.stdout.splitlines()] == ["a1", "a3"]
+
+
+def test_a_missing_setting_is_bad_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "alerts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("tracewatch: KAFKA_BOOTSTRAP is not set")

@@ -84,3 +84,43 @@ def test_ids_with_control_characters_are_refused(sep: str) -> None:
         with pytest.raises(InvalidEvent) as info:
             parse_event(_with(**{field: f"A{sep}B"}))
         assert info.value.reason == "bad_field" and field in info.value.detail
+
+
+LINE: dict[str, object] = {"line_no": 1, "product": "XA001", "quantity": 1, "codes": []}
+
+
+def _line(**changes: object) -> dict[str, object]:
+    return {**LINE, **changes}
+
+
+@pytest.mark.parametrize(
+    ("batch", "patient", "parsed"),
+    [
+        ("L2026-11", "pt7", ("L2026-11", "pt7")),
+        (20261101, 1099, ("20261101", "1099")),  # numbers, as HIS exports send ids
+        ("  ", "", (None, None)),  # blank: not given
+        (None, None, (None, None)),
+    ],
+)
+def test_optional_batch_and_patient_are_kept_or_absent(
+    batch: object, patient: object, parsed: tuple[str | None, str | None]
+) -> None:
+    event = parse_event(_with(patient=patient, lines=[_line(batch=batch)]))
+    assert (event.lines[0].batch, event.patient) == parsed
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"lines": [_line(batch={"lot": 1})]},
+        {"lines": [_line(batch="L" * 101)]},
+        {"patient": ["pt7"]},
+        {"patient": "p\x00t"},
+    ],
+)
+def test_a_bad_optional_field_dead_letters_the_event_and_is_never_dropped(
+    changes: dict[str, object],
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(_with(**changes))
+    assert caught.value.reason == "bad_field"
