@@ -111,11 +111,16 @@ def _format(alert: dict[str, Any]) -> str:
 
 
 def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) -> int:
+    # the generated files, the rest of the stream and the API token go when the demo does
+    with tempfile.TemporaryDirectory(prefix="tracewatch-demo-") as workdir:
+        return _run_demo(workdir, events, seed, exit_when_done)
+
+
+def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int:
     from loadtest.generator import Rates, write_dataset
     from loadtest.score import score
 
     exit_when_done = exit_when_done or os.environ.get("TRACEWATCH_DEMO_EXIT") == "1"
-    workdir = tempfile.mkdtemp(prefix="tracewatch-demo-")
     data = write_dataset(workdir, events, seed, rates=Rates().scaled(3))
     with services() as svc:
         print(f"broker: {svc.kafka_bootstrap}{' (embedded)' if svc.kafka_embedded else ''}")
@@ -138,6 +143,7 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
         seen: list[dict[str, Any]] = []
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env)
         api: subprocess.Popen[bytes] | None = None
+        stopped = False
         try:
             _wait_for_worker(web_port, worker)
             print(f"worker up; Prometheus metrics at http://127.0.0.1:{web_port}/metrics")
@@ -194,11 +200,13 @@ def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) ->
                 stop = {signal.SIGINT, signal.SIGTERM}
                 signal.pthread_sigmask(signal.SIG_BLOCK, stop)
                 signal.sigwait(stop)
+                stopped = True
         except KeyboardInterrupt:
-            pass
+            stopped = True
         finally:
             if api is not None:
                 stop_process(api)
             stop_process(worker)
         print("stopped")
-    return 0 if by_rule else 1
+    # stopped by the user: a clean stop (0); done on its own: 0 only if it showed alerts
+    return 0 if by_rule or stopped else 1

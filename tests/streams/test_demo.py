@@ -45,10 +45,19 @@ def test_demo_shows_alerts_and_stops(svc: Services, redis_prefix: str) -> None:
     assert out.rstrip().endswith("stopped")
 
 
-def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
+@pytest.mark.parametrize(
+    ("whom", "sig"),
+    [("group", signal.SIGINT), ("process", signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_signal_ends_the_demo_and_everything_it_started(
+    whom: str, sig: signal.Signals
+) -> None:
     """`make run` then Ctrl-C: the terminal signals the whole process group at once - demo,
-    worker, broker host, Redis. Everything must be gone within seconds, the worker must not
-    be left talking to a broker that went first, and nothing may linger."""
+    worker, API, broker host, Redis. `timeout`, `docker stop` or systemd with one main process
+    send SIGTERM to the demo alone. Either way everything must be gone within seconds, exit 0,
+    the worker must not be left talking to a broker that went first, and nothing may linger -
+    processes or the demo's temporary folder."""
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP", "REDIS_URL")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "demo", "--events", "300"],
@@ -67,14 +76,23 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
             if line.startswith("running;"):
                 break
         assert lines and lines[-1].startswith("running;"), "".join(lines)[-2000:]
-        os.killpg(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        if whom == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rest, errors = proc.communicate(timeout=30)
+        took = time.monotonic() - started
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, errors[-2000:]
+    assert took < 20, f"stopping took {took:.0f} s"
     assert rest.rstrip().endswith("stopped")
     assert "Connection refused" not in errors, errors[-2000:]
+    produced = next(ln for ln in lines if "events produced:" in ln)
+    folder = os.path.dirname(produced.split("(from ")[1].rstrip(")\n"))
+    assert not os.path.exists(folder), f"{folder} is left behind"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the broker host and Redis exit after the demo
         try:
