@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Prometheus and promtool from Debian's package, unpacked here (no service is installed or
+# started): the alert rules' checks and a real Prometheus scraping a worker in the tests.
+TOOLS := .tools
+PROMTOOL := $(TOOLS)/usr/bin/promtool
 
 .PHONY: run test loadtest determinism determinism-stream chaos fuzz bench lint typecheck check demo-data clean
 
@@ -15,7 +19,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m streams.cli demo
 
-test: $(STAMP)
+$(PROMTOOL):
+	@mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && apt-get download -q prometheus 2>/dev/null || \
+		{ echo "cannot download Debian's prometheus package: tests needing promtool will skip"; exit 0; }
+	@for deb in $(TOOLS)/deb/prometheus_*.deb; do test -f "$$deb" && dpkg-deb -x "$$deb" $(TOOLS); done; true
+
+test: $(STAMP) $(PROMTOOL)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 # A generated stream with ground truth through replay and the streaming pipeline, scored.
@@ -55,4 +68,4 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache *.egg-info

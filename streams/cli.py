@@ -1,7 +1,7 @@
 """`tracewatch`: the one entry point (CONTRACT.md, "Command line").
 
 Exit codes: 0 success; 2 bad usage or settings, a bad input file (with a message naming the file
-and line) or a broker that cannot be reached; 1 when the command ran and the answer is no (no
+and line) or a broker or Redis that cannot be reached; 1 when the command ran and the answer is no (no
 ledger for the institution, no token with that id, a loadtest that scored below 1.0, a rebuild
 refused because the prefix holds state).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from detectors.catalog import ReferenceDataError, iter_jsonl, load_catalog
 from streams.kafka_config import BrokerUnreachable, reachable
@@ -201,6 +202,8 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
     bootstrap = Settings().require_kafka()
     topic = names.VERDICTS.name if args.verdicts else names.ALERTS.name
+    if args.verdicts and args.since is not None:
+        raise BadInput("--since filters alerts by event time; verdicts carry none")
     wanted = AlertFilter(args.rule, args.institution, _since(args.since))
     reachable(bootstrap)
     shown = 0
@@ -236,7 +239,7 @@ class AlertFilter:
     since: datetime.datetime | None = None
 
     def matches(self, message: dict[str, Any]) -> bool:
-        if self.rules and message.get("rule") not in self.rules:
+        if self.rules and not self.rules_match(message):
             return False
         if self.institutions and message.get("institution") not in self.institutions:
             return False
@@ -248,6 +251,14 @@ class AlertFilter:
             if at.tzinfo is None or at < self.since:
                 return False
         return True
+
+    def rules_match(self, message: dict[str, Any]) -> bool:
+        """An alert by its rule; a verdict by the rules of any of its lines."""
+        assert self.rules
+        if "verdict" in message:
+            lines = message.get("lines") or ()
+            return any(r in self.rules for ln in lines for r in ln.get("rules") or ())
+        return message.get("rule") in self.rules
 
 
 _AGE = {"m": 60, "h": 3600, "d": 86400}
@@ -298,10 +309,19 @@ def _row(message: dict[str, Any]) -> str:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streams.services import create_topics
+    from streams.services import create_topics, input_retention_ms
 
-    created = create_topics(Settings().require_kafka())
+    bootstrap = Settings().require_kafka()
+    reachable(bootstrap)
+    created = create_topics(bootstrap)
     print(f"topics ready ({len(created)} created)", file=sys.stderr)
+    if input_retention_ms() != "-1":
+        print(
+            f"warning: the input topic keeps events {input_retention_ms()} ms "
+            "(TRACEWATCH_INPUT_RETENTION_MS): `tracewatch rebuild` can then rebuild only what "
+            "is left - keep backups of Redis (AOF or RDB) to restore from",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -537,9 +557,10 @@ HELP: dict[str, tuple[str, list[str], str]] = {
         "tracewatch alerts --from-beginning --rule DUPLICATE_SALE --since 24h --format table",
     ),
     "topics": (
-        "Create every topic of the pipeline on the cluster (partitions, retention, "
-        "LogAppendTime stamps on the input topic); existing topics are kept.",
-        [_KAFKA, _TOPICS],
+        "Create every topic of the pipeline on the cluster (partitions; on the input topic "
+        "LogAppendTime stamps and retention for ever, since rebuild replays it); existing "
+        "topics are kept as they are.",
+        [_KAFKA, _TOPICS, "TRACEWATCH_INPUT_RETENTION_MS (default -1: for ever)"],
         "tracewatch topics",
     ),
     "catalog": (
@@ -731,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except (BadInput, ReferenceDataError, BrokerUnreachable) as exc:
         print(f"tracewatch: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RedisConnectionError as exc:
+        print(
+            f"tracewatch: cannot reach Redis ({exc}): is REDIS_URL right, and is Redis up?",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     except SystemExit as exc:
         if not isinstance(exc.code, str):

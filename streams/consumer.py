@@ -140,6 +140,7 @@ class BatchConsumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._lag: dict[int, int] = {}  # per partition, as of its last batch
+        self._lag_seconds: dict[int, float] = {}
         # for `highwaters`: the consumer's bootstrap and security, nothing of its group
         self._admin_config = {
             k: v
@@ -218,11 +219,23 @@ class BatchConsumer:
             consumer.store_offsets(offsets=offsets)
         except Exception as exc:  # revoked meanwhile: the next owner's saved position rules
             log.info("%s: offsets not stored (%r)", self.stage, exc)
+        stamps = {m.partition: m.timestamp for m in batch}  # each partition's last, in log order
+        now = time.time()
         for tp in offsets:
             high = self.cached_highwater(tp.partition)
             if high is not None:
-                self._lag[tp.partition] = max(0, high - tp.offset)
+                self._lag[tp.partition] = behind = max(0, high - tp.offset)
+                # messages wait behind this one: the log's head is at least this far ahead
+                self._lag_seconds[tp.partition] = (
+                    max(0.0, now - stamps[tp.partition]) if behind else 0.0
+                )
+        self._publish_lag()
+
+    def _publish_lag(self) -> None:
         metrics.CONSUMER_LAG.labels(self.topic).set(sum(self._lag.values()))
+        metrics.CONSUMER_LAG_SECONDS.labels(self.topic).set(
+            max(self._lag_seconds.values(), default=0.0)
+        )
 
     def _hand_over(self, fn: Partitions, partitions: list[int], what: str) -> None:
         """Run `fn` on the event loop and wait for it, from the consumer's thread."""
@@ -245,7 +258,8 @@ class BatchConsumer:
         self.assignment = self.assignment.difference(gone)
         for p in gone:
             self._lag.pop(p, None)
-        metrics.CONSUMER_LAG.labels(self.topic).set(sum(self._lag.values()))
+            self._lag_seconds.pop(p, None)
+        self._publish_lag()
         metrics.ASSIGNED.labels(self.topic).set(len(self.assignment))
         self._hand_over(self._revoked, gone, "releasing")
 

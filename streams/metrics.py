@@ -114,6 +114,12 @@ CONSUMER_ERRORS = Counter(
     "Errors a data-plane consumer reported (a broker away, a partition moving); it recovers",
     ["stage"],
 )
+CONSUMER_LAG_SECONDS = Gauge(
+    "tracewatch_consumer_lag_seconds",
+    "How old the last message this worker finished on each topic was while more waited behind "
+    "it (0 when caught up; the worst of its partitions): growing means the workers fall behind",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "tracewatch_consumer_lag_messages",
     "Messages of each topic written but not yet processed by this worker (its partitions, as of "

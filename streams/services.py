@@ -38,14 +38,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def input_retention_ms() -> str:
+    """`TRACEWATCH_INPUT_RETENTION_MS`: how long the input topic keeps events; -1 (the default)
+    keeps them for ever, since `tracewatch rebuild` treats the input topic as the record."""
+    return os.environ.get("TRACEWATCH_INPUT_RETENTION_MS", "-1").strip() or "-1"
+
+
 def topic_config(spec: TopicSpec) -> dict[str, str]:
     """A topic's settings. The input topic's timestamps are the broker's (`LogAppendTime`):
     the code stage applies input in timestamp order and takes a caught-up partition's
     high-water read time as a bound, which only a broker-set time makes exact
-    (`streams.alignment`)."""
+    (`streams.alignment`). The input topic is the record `rebuild` replays: kept for ever
+    unless the operator chooses otherwise (`input_retention_ms`)."""
     config = {"cleanup.policy": spec.cleanup_policy}
     if spec.name.endswith(EVENTS.name[len(PREFIX) :]):
         config["message.timestamp.type"] = "LogAppendTime"
+        config["retention.ms"] = input_retention_ms()
+        config["retention.bytes"] = "-1"
     return config
 
 

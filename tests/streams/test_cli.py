@@ -212,3 +212,37 @@ def test_a_missing_setting_is_bad_usage() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("tracewatch: KAFKA_BOOTSTRAP is not set")
+
+
+def test_the_input_topic_is_kept_for_ever_unless_the_operator_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streams.services import topic_config
+    from topics.names import ALERTS, EVENTS
+
+    assert topic_config(EVENTS)["retention.ms"] == "-1"
+    assert "retention.ms" not in topic_config(ALERTS)
+    monkeypatch.setenv("TRACEWATCH_INPUT_RETENTION_MS", "604800000")
+    assert topic_config(EVENTS)["retention.ms"] == "604800000"
+
+
+def test_redis_unreachable_is_one_line_and_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "tokens", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0"},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tracewatch: cannot reach Redis"), line
+
+
+def test_verdicts_filter_by_their_lines_rules() -> None:
+    from streams.cli import AlertFilter
+
+    verdict = {"verdict": "reject", "lines": [{"line_no": 1, "rules": ["NO_CODE"]}]}
+    assert AlertFilter(["NO_CODE"]).matches(verdict)
+    assert not AlertFilter(["DUPLICATE_SALE"]).matches(verdict)
