@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from topics.names import INPUT_PARTITIONS
+
 CLOCK_SKEW = 3600.0
 DEFAULT_GRACE_SECONDS = 72 * 3600
 DEFAULT_IDLE_SECONDS = 24 * 3600
 NEVER = float("-inf")
-LANES = 16
+# one lane per input partition: an institution's lane is the partition its events land in
+LANES = INPUT_PARTITIONS
 
 Watermarks = Mapping[int, float]
 

@@ -110,8 +110,11 @@ def _create(path: str) -> IO[bytes]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
+    from streams.layout import check_layout
 
-    run_worker(Settings())
+    settings = Settings()
+    check_layout(settings, claim=True)  # topics and state made for these partition counts
+    run_worker(settings)
     return 0
 
 
@@ -426,7 +429,9 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     from api.server import serve
+    from streams.layout import check_layout
 
+    check_layout(Settings(), claim=False)  # it reads the workers' keys: the same layout
     serve()
     return 0
 

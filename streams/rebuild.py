@@ -225,6 +225,9 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
             "would count events twice. Point TRACEWATCH_REDIS_PREFIX at an empty prefix (or "
             "delete its keys) and run again, with the workers stopped."
         )
+    from streams.layout import check_state, check_topics
+
+    check_topics(bootstrap)
     print(f"reading {names.EVENTS.name} ...", file=sys.stderr)
     messages, ends = read_input(bootstrap, names.EVENTS)
     pipeline = Pipeline(
@@ -256,6 +259,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
             await client.aclose()
 
     counts = asyncio.run(write())
+    check_state(settings, claim=True, overwrite=True)  # laid out as this process laid it out
     try:
         commit_group_offsets(bootstrap, ends)
     except Exception as exc:  # a group the broker still thinks has members

@@ -19,7 +19,10 @@
 | `TRACEWATCH_ALIGN_WAIT_SECONDS` | `60` | Longest the code stage holds a record until every input partition has been routed past it (`streams.alignment`): verdicts then depend only on what reached the input topic before the settlement, live, after a crash and in replay of the topic. It only runs out when an input partition has no live owner (a dead worker before the group moves its partitions): set it above the session timeout plus a restart. 0: no alignment (records applied as they arrive). |
 | `TRACEWATCH_ALIGN_HEARTBEAT_SECONDS` | `0.2` | How often ingest tells the code stage that its caught-up input partitions have nothing new: the latency alignment adds to a live verdict is about this plus the margin. |
 | `TRACEWATCH_ALIGN_MARGIN_MS` | `1000` | Taken off a caught-up input partition's high-water read time before it vouches that nothing earlier can come. With create-time stamps (the producer's clock, taken at `produce`) it must cover how long a producer holds a message before the log has it: linger, retries, a busy broker (the embedded one held bursts about 0.5 s). `tracewatch topics` gives the input topic broker-set `LogAppendTime` stamps; then 100 covers the clocks of brokers and workers, and live verdicts wait that much less. |
-| `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. |
+| `TRACEWATCH_STATE_BUCKETS` | `1024` | Hashes per stage partition that hold per-key state; aim for ~100 keys per hash. Recorded with the partition counts in `{prefix}:layout`: a process configured otherwise refuses to start (`streams.layout`). |
+| `TRACEWATCH_INPUT_PARTITIONS` | `16` | Partitions of the input topic, and the number of watermark lanes (`topics.names`); 256 at national scale. Checked against the topics at start. |
+| `TRACEWATCH_STAGE_PARTITIONS` | `16` | Partitions of the stage topics (by-ledger, by-code, verdict-parts). Checked against the topics at start. |
+| `TRACEWATCH_INPUT_RETENTION_MS` | `-1` | Retention `tracewatch topics` gives the input topic: for ever by default, since `rebuild` replays it. |
 | `TRACEWATCH_CATALOG` | (none) | Catalog JSONL loaded into Redis at worker start (else the cached catalog is used). |
 | `TRACEWATCH_LOG_LEVEL` | `WARNING` | Worker log level. |
 """

@@ -18,6 +18,23 @@ from dataclasses import dataclass
 PREFIX = os.environ.get("TRACEWATCH_TOPIC_PREFIX", "tracewatch")
 
 
+def _partitions(variable: str, default: int) -> int:
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise SystemExit(f"{variable}={raw!r}: a partition count, 1 to 10000 (default {default})")
+    return int(raw)
+
+
+# The unit of parallelism: a worker owns a partition at a time. 16 suit one machine and the
+# embedded broker; at national scale the README advises 256. Checked against the topics at start
+# (`streams.services.check_layout`): a count changed under existing topics or state is refused.
+# The input topic's count is also the number of watermark lanes (`detectors.event_time.LANES`).
+INPUT_PARTITIONS = _partitions("TRACEWATCH_INPUT_PARTITIONS", 16)
+STAGE_PARTITIONS = _partitions("TRACEWATCH_STAGE_PARTITIONS", 16)
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
@@ -31,22 +48,27 @@ def _t(suffix: str, partitions: int, key: str, doc: str, cleanup: str = "delete"
     return TopicSpec(f"{PREFIX}-{suffix}", partitions, key, cleanup, doc)
 
 
-EVENTS = _t("events", 16, "institution", "Input: contract events from POS/HIS systems (JSON).")
+EVENTS = _t(
+    "events",
+    INPUT_PARTITIONS,
+    "institution",
+    "Input: contract events from POS/HIS systems (JSON).",
+)
 BY_LEDGER = _t(
     "by-ledger",
-    16,
+    STAGE_PARTITIONS,
     "partition of institution|product",
     "Packed repartition: line and stock records for the per-(institution, product) ledger.",
 )
 BY_CODE = _t(
     "by-code",
-    16,
+    STAGE_PARTITIONS,
     "partition of normalised code",
     "Packed repartition: code records for the per-code lifecycle.",
 )
 VERDICT_PARTS = _t(
     "verdict-parts",
-    16,
+    STAGE_PARTITIONS,
     "partition of institution|settlement event_id",
     "Internal: the gate's head and each stage's rules per settlement line, joined into verdicts.",
 )
