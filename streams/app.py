@@ -43,6 +43,7 @@ from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
 from streams.consumer import BatchConsumer, Partitions, consumer_config
 from streams.kafka_config import faust_credentials
+from streams.layout import exit_on_mismatch
 from streams.output import OutputProducer
 from streams.processors import Alignment, IngestProcessor, Message, Refill, StageProcessor
 from streams.redis_state import IngestStore, StageStore, connect
@@ -290,6 +291,8 @@ def build_app(settings: Settings) -> faust.App:
     @app.task
     async def load_reference_data() -> None:
         async def load() -> None:
+            # state laid out for these partition counts and buckets, or stop (streams.layout)
+            await asyncio.to_thread(exit_on_mismatch, settings)
             if settings.catalog_path:
                 await catalog.publish_file(settings.catalog_path)
             await catalog.refresh()

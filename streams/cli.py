@@ -110,10 +110,12 @@ def _create(path: str) -> IO[bytes]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
-    from streams.layout import check_layout
+    from streams.layout import check_topics
 
     settings = Settings()
-    check_layout(settings, claim=True)  # topics and state made for these partition counts
+    # topics made for these partition counts (the state's layout: once Redis answers, in the
+    # worker's start-up task - a worker may start while Redis is down)
+    check_topics(settings.require_kafka())
     run_worker(settings)
     return 0
 
@@ -431,7 +433,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     from api.server import serve
     from streams.layout import check_layout
 
-    check_layout(Settings(), claim=False)  # it reads the workers' keys: the same layout
+    # it reads the workers' keys: the same layout; it starts without them (/readyz says so)
+    check_layout(Settings(), claim=False, wait=False)
     serve()
     return 0
 

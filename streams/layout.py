@@ -12,10 +12,17 @@ says what to set. The first worker (or `tracewatch rebuild`) records the layout 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams.settings import Settings
 from topics import names
+
+log = logging.getLogger("tracewatch.layout")
 
 
 class LayoutMismatch(SystemExit):
@@ -29,14 +36,25 @@ def layout_text(settings: Settings) -> str:
     )
 
 
-def check_topics(bootstrap: str, timeout: float = 10.0) -> None:
+def check_topics(bootstrap: str, wait: bool = False, timeout: float = 10.0) -> None:
     """Every topic that exists has the partitions this process expects (a missing one is left
-    to `tracewatch topics`)."""
+    to `tracewatch topics`). A broker that does not answer: `wait` for it (a worker, which would
+    wait for it anyway), or skip the check with a warning."""
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     from streams.kafka_config import client_config
 
-    metadata = AdminClient(client_config(bootstrap)).list_topics(timeout=timeout)
+    admin = AdminClient(client_config(bootstrap))
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=timeout)
+            break
+        except KafkaException as exc:
+            if not wait:
+                log.warning("partition counts not checked: the broker does not answer (%s)", exc)
+                return
+            log.warning("waiting for the broker to check the partition counts (%s)", exc)
     wrong = []
     for spec in names.ALL_TOPICS:
         found = metadata.topics.get(spec.name)
@@ -54,10 +72,35 @@ def check_topics(bootstrap: str, timeout: float = 10.0) -> None:
         )
 
 
-def check_state(settings: Settings, claim: bool, overwrite: bool = False) -> None:
+def check_state(
+    settings: Settings, claim: bool, overwrite: bool = False, wait: bool = False
+) -> None:
     """The state under the Redis prefix was laid out as this process would lay it out.
     `claim`: record this layout when none is recorded (a worker); `overwrite`: record it
-    whatever was there (`rebuild`, which has just written the state)."""
+    whatever was there (`rebuild`, which has just written the state). Redis away: `wait` for
+    it (a worker, which would wait anyway), or skip the check with a warning."""
+    warned = False
+    while True:
+        try:
+            _check_state(settings, claim, overwrite)
+            return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if not wait:
+                log.warning("state layout not checked: Redis does not answer (%s)", exc)
+                return
+            if not warned:
+                log.warning("waiting for Redis to check the state layout (%s)", exc)
+                warned = True
+            time.sleep(1.0)
+
+
+def check_state_now(settings: Settings, claim: bool, overwrite: bool = False) -> None:
+    """`check_state` once: Redis errors are the caller's to retry (the worker's start-up task
+    retries them for as long as the outage lasts)."""
+    _check_state(settings, claim, overwrite)
+
+
+def _check_state(settings: Settings, claim: bool, overwrite: bool) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     key = f"{settings.redis_prefix}:layout"
     mine = layout_text(settings)
@@ -84,6 +127,20 @@ def check_state(settings: Settings, claim: bool, overwrite: bool = False) -> Non
         )
 
 
-def check_layout(settings: Settings, claim: bool) -> None:
-    check_topics(settings.require_kafka())
-    check_state(settings, claim)
+def check_layout(settings: Settings, claim: bool, wait: bool) -> None:
+    check_topics(settings.require_kafka(), wait)
+    check_state(settings, claim, wait=wait)
+
+
+def exit_on_mismatch(settings: Settings) -> None:
+    """For a running worker's start-up task, before the catalog lets ingest take partitions:
+    record or check the layout; on a mismatch say why and end the process (exit 2) before it
+    writes state laid out otherwise. Redis errors propagate, for the task to retry."""
+    import os
+
+    try:
+        check_state_now(settings, claim=True)
+    except LayoutMismatch as exc:
+        log.critical("%s", exc.code)
+        logging.shutdown()
+        os._exit(2)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from streams.layout import LayoutMismatch, check_state
-from streams.services import Services
+from streams.services import Services, free_port
 from streams.settings import Settings
 from tests.conftest import ROOT
 
@@ -83,3 +84,38 @@ def test_state_laid_out_otherwise_is_refused(
     assert "state_buckets=64" in str(caught.value) and "state_buckets=128" in str(caught.value)
     check_state(Settings(), claim=True, overwrite=True)  # rebuild lays it out anew
     check_state(Settings(), claim=False)
+
+
+@pytest.mark.integration
+def test_a_worker_stops_on_state_laid_out_otherwise(
+    svc: Services, redis_prefix: str, catalog_file: Path
+) -> None:
+    import redis
+
+    svc.create_topics(redis_prefix)
+    client = redis.Redis.from_url(svc.redis_url)
+    try:
+        client.set(
+            f"{redis_prefix}:layout", "input_partitions=16 stage_partitions=16 state_buckets=7"
+        )
+    finally:
+        client.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
+            "REDIS_URL": svc.redis_url,
+            "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
+            "TRACEWATCH_REDIS_PREFIX": redis_prefix,
+            "TRACEWATCH_CATALOG": str(catalog_file),
+            "TRACEWATCH_WEB_PORT": str(free_port()),
+            "TRACEWATCH_EMBEDDED_BROKER": "1" if svc.kafka_embedded else "",
+        },
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds state laid out as" in result.stderr and "state_buckets=7" in result.stderr
