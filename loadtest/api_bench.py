@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from streams.services import free_port, stop_process
+from streams.services import free_port, stop_process, wait_for_http
 
 CODES_PER_CHECK = 4
 
@@ -213,7 +213,7 @@ def run(
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url, proc in zip(urls, procs, strict=True):
-            _wait_ready(url, proc)
+            wait_for_http(f"{url}/readyz", proc, "API")
         log(f"api: warming up ({warmup_seconds:.0f}s at {rate:,.0f} checks/s)")
         fire(urls, requests[:warm], rate)
         log(f"api: {seconds:.0f}s at {rate:,.0f} checks/s, {CODES_PER_CHECK} codes each")
@@ -251,21 +251,3 @@ def run(
         f"{figures['failed']} not 200, {figures['cpu_us_api']:.0f} us CPU/check in the API"
     )
     return figures
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with code {proc.returncode}; see its log above")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except (OSError, urllib.error.HTTPError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the API at {url} was not ready within {timeout:.0f}s")

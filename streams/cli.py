@@ -1,9 +1,9 @@
 """`tracewatch`: the one entry point (CONTRACT.md, "Command line").
 
 Exit codes: 0 success; 2 bad usage or settings, a bad input file (with a message naming the file
-and line) or a broker or Redis that cannot be reached; 1 when the command ran and the answer is no (no
-ledger for the institution, no token with that id, a loadtest that scored below 1.0, a rebuild
-refused because the prefix holds state).
+and line) or a broker or Redis that cannot be reached; 1 when the command ran and the answer is
+no (no ledger for the institution, no token with that id, a loadtest that scored below 1.0, a
+rebuild refused because the prefix holds state).
 """
 
 from __future__ import annotations

@@ -24,38 +24,12 @@ from typing import Any
 import orjson
 
 from streams.cli import follow_topic
-from streams.services import free_port, services, stop_process
+from streams.services import free_port, services, stop_process, wait_for_http
 from topics import names
 
 
 def _wait_for_worker(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {proc.returncode}; see its log above")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"the worker did not serve /metrics on port {port} within {timeout}s")
-
-
-def _wait_for_api(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with code {proc.returncode}; see its log above")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                return
-        except OSError:  # includes HTTPError: 503 until the broker and Redis answer
-            time.sleep(0.3)
-    raise RuntimeError(f"the API at {url} was not ready within {timeout}s")
+    wait_for_http(f"http://127.0.0.1:{port}/metrics", proc, "worker", timeout)
 
 
 def split_by_institution(events_file: str, workdir: str) -> tuple[str, list[bytes], str]:
@@ -110,7 +84,34 @@ def _format(alert: dict[str, Any]) -> str:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _spawn(
+    args: list[str], env: dict[str, str], children: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """A child process, added to `children` (which the demo stops on its way out) with the stop
+    signals held: a stop that arrives mid-spawn is taken once the child is on the list, not
+    while it is half made and would be left running. The child starts with them unblocked."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        child = subprocess.Popen(
+            args, env=env, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        )
+        children.append(child)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return child
+
+
 def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) -> int:
+    # SIGTERM (timeout, docker stop, systemd) at any point stops it as Ctrl-C does: what it
+    # started is stopped, nothing is left behind. Python's default would end it on the spot.
+    signal.signal(signal.SIGTERM, _interrupt)
     # the generated files, the rest of the stream and the API token go when the demo does
     with tempfile.TemporaryDirectory(prefix="tracewatch-demo-") as workdir:
         return _run_demo(workdir, events, seed, exit_when_done)
@@ -141,14 +142,14 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
         api_url = f"http://127.0.0.1:{api_port}"
         by_rule: collections.Counter[str] = collections.Counter()
         seen: list[dict[str, Any]] = []
-        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env)
-        api: subprocess.Popen[bytes] | None = None
+        children: list[subprocess.Popen[bytes]] = []
         stopped = False
         try:
+            worker = _spawn([sys.executable, "-m", "streams.cli", "worker"], env, children)
             _wait_for_worker(web_port, worker)
             print(f"worker up; Prometheus metrics at http://127.0.0.1:{web_port}/metrics")
-            api = subprocess.Popen([sys.executable, "-m", "streams.cli", "api"], env=env)
-            _wait_for_api(api_url, api)
+            api = _spawn([sys.executable, "-m", "streams.cli", "api"], env, children)
+            wait_for_http(f"{api_url}/readyz", api, "API")
             print(f"API up at {api_url} (OpenAPI at {api_url}/docs)")
             chosen, through_api, rest = split_by_institution(data["events"], workdir)
             token = subprocess.run(
@@ -194,19 +195,19 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
             token_file.write_text(token + "\n")
             print(f"  API: {api_url}/docs (a token for {chosen} is in {token_file})")
             if not exit_when_done:
-                print("running; Ctrl-C stops the worker, the API, broker and Redis", flush=True)
                 # sigwait only sees signals that are blocked: unblocked, Ctrl-C went to Python's
                 # handler, which cannot run while sigwait waits, and the demo never stopped.
+                # Blocked before the line that tells a supervisor the demo is up.
                 stop = {signal.SIGINT, signal.SIGTERM}
                 signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+                print("running; Ctrl-C stops the worker, the API, broker and Redis", flush=True)
                 signal.sigwait(stop)
                 stopped = True
         except KeyboardInterrupt:
             stopped = True
         finally:
-            if api is not None:
-                stop_process(api)
-            stop_process(worker)
+            for child in reversed(children):  # the API, then the worker
+                stop_process(child)
         print("stopped")
     # stopped by the user: a clean stop (0); done on its own: 0 only if it showed alerts
     return 0 if by_rule or stopped else 1

@@ -235,6 +235,22 @@ def pipeline_env(svc: Services, prefix: str, catalog: str, **extra: str) -> dict
     }
 
 
+def wait_for_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    """Until `url` answers 2xx; fails at once, naming `what`, if `proc` exits meanwhile."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {what} exited with code {proc.returncode}; see its log above")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:  # refused, or an HTTPError (a 503 until the broker and Redis answer)
+            time.sleep(0.3)
+    raise RuntimeError(f"the {what} did not answer {url} within {timeout:.0f}s")
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """SIGTERM, and SIGKILL if it has not stopped within `timeout` seconds."""
     if proc.poll() is not None:
