@@ -41,27 +41,34 @@ def test_partition_counts_come_from_the_environment_and_lanes_follow_the_input()
     assert bad.returncode != 0 and "TRACEWATCH_INPUT_PARTITIONS='zero'" in bad.stderr
 
 
+def _worker(
+    svc: Services, prefix: str, timeout: float, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`tracewatch worker` run to its end (these workers are expected to refuse and exit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
+            "REDIS_URL": svc.redis_url,
+            "TRACEWATCH_TOPIC_PREFIX": prefix,
+            "TRACEWATCH_REDIS_PREFIX": prefix,
+            **env,
+        },
+    )
+
+
 @pytest.mark.integration
 def test_a_worker_refuses_topics_with_other_partition_counts(
     svc: Services, redis_prefix: str
 ) -> None:
     svc.create_topics(redis_prefix)  # 16 partitions each
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
-            "REDIS_URL": svc.redis_url,
-            "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
-            "TRACEWATCH_REDIS_PREFIX": redis_prefix,
-            "TRACEWATCH_STAGE_PARTITIONS": "8",
-        },
-    )
+    result = _worker(svc, redis_prefix, 60, TRACEWATCH_STAGE_PARTITIONS="8")
     assert result.returncode == 2, result.stderr[-2000:]
     assert time.monotonic() - started < 30
     assert f"{redis_prefix}-by-code has 16, not 8" in result.stderr
@@ -100,22 +107,13 @@ def test_a_worker_stops_on_state_laid_out_otherwise(
         )
     finally:
         client.close()
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "KAFKA_BOOTSTRAP": svc.kafka_bootstrap,
-            "REDIS_URL": svc.redis_url,
-            "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
-            "TRACEWATCH_REDIS_PREFIX": redis_prefix,
-            "TRACEWATCH_CATALOG": str(catalog_file),
-            "TRACEWATCH_WEB_PORT": str(free_port()),
-            "TRACEWATCH_EMBEDDED_BROKER": "1" if svc.kafka_embedded else "",
-        },
+    result = _worker(
+        svc,
+        redis_prefix,
+        90,
+        TRACEWATCH_CATALOG=str(catalog_file),
+        TRACEWATCH_WEB_PORT=str(free_port()),
+        TRACEWATCH_EMBEDDED_BROKER="1" if svc.kafka_embedded else "",
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "holds state laid out as" in result.stderr and "state_buckets=7" in result.stderr
