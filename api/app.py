@@ -46,7 +46,7 @@ from api.schemas import (
 )
 from detectors.codes import classify
 from streams import gc_tuning
-from streams.redis_state import connect
+from streams.redis_state import connect, is_cluster
 from streams.reference import CatalogCache, InstitutionRegistry
 from topics import names
 from topics.records import BOUNDS, Event, InvalidEvent, event_from_dict
@@ -111,6 +111,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(base.redis_url)
+        if is_cluster(client):
+            # the slot map before requests use it concurrently (see streams.app); Redis down:
+            # the first request tries
+            with contextlib.suppress(RedisError, OSError):
+                await client.initialize()
         gateway = EventGateway(base.require_kafka(), settings.delivery_timeout_ms)
         catalog = CatalogCache(client, base.redis_prefix)
         app.state.services = Services(

@@ -4,13 +4,14 @@ check needs, and a code's history.
 The reads go to the very keys the workers own (`streams.redis_state`): ingest's memory of the
 institution's input partition, the ledger states of the settlement's products and the code
 states of its codes, in one round trip of two replies (ingest's load script, and a script
-reading every state field at once). Input partitions are found the way the
+reading every state field at once; on a Redis Cluster one reply per slot). Input partitions are found the way the
 producers place events, by librdkafka's default partitioner (CRC-32 of the institution), which
 `tracewatch produce` and the API's gateway use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,6 +30,8 @@ from streams.redis_state import (
     READ_FIELDS,
     IngestStore,
     decode_states,
+    is_cluster,
+    queue_read_fields,
     read_states,
     state_fields,
 )
@@ -48,6 +51,7 @@ class StateReader:
         self._json = JsonCodec()
         self._code = CodeCodec()
         self._read_fields = client.register_script(READ_FIELDS)
+        self._cluster = is_cluster(client)
 
     async def code_states(self, keys: list[str]) -> dict[str, State]:
         s = self._settings
@@ -86,22 +90,27 @@ class StateReader:
             self._code,
         )
         fields = [*ledger_at, *code_at]
-        read_keys = [*(h for h, _ in fields), submitted_key(s.redis_prefix, event.key)]
-        read_args: list[int | bytes] = [len(fields), *(f for _, f in fields)]
+        submitted = [submitted_key(s.redis_prefix, event.key)]
 
-        # One round trip of two replies for everything: each reply costs the client CPU.
-        def pipeline() -> Any:
+        # One round trip of two replies for everything (each reply costs the client CPU); on a
+        # cluster, a reply per slot.
+        def pipeline() -> tuple[Any, Callable[[Sequence[Any]], list[Any]]]:
             pipe = self._client.pipeline(transaction=False)
             self._ingest.queue_load(pipe, partition, [event.key], lookups, [event.institution])
-            pipe.evalsha(self._read_fields.sha, len(read_keys), *read_keys, *read_args)
-            return pipe
+            _n, assemble = queue_read_fields(
+                pipe, self._read_fields.sha, fields, submitted, self._cluster
+            )
+            return pipe, assemble
 
+        pipe, assemble = pipeline()
         try:
-            ingest_reply, values = await pipeline().execute()
+            ingest_reply, *replies = await pipe.execute()
         except NoScriptError:  # Redis restarted or flushed its scripts since start
             await self._ingest.load_scripts()
             await self._client.script_load(READ_FIELDS)
-            ingest_reply, values = await pipeline().execute()
+            pipe, assemble = pipeline()
+            ingest_reply, *replies = await pipe.execute()
+        values = assemble(replies)
         ingest = IngestStore.decode_load(ingest_reply, [event.key], lookups, [event.institution])
         n = len(ledger_keys)
         ledger = decode_states(ledger_keys, values[:n], self._json)

@@ -46,7 +46,7 @@ from streams.kafka_config import faust_credentials
 from streams.layout import exit_on_mismatch
 from streams.output import OutputProducer
 from streams.processors import Alignment, IngestProcessor, Message, Refill, StageProcessor
-from streams.redis_state import IngestStore, StageStore, connect
+from streams.redis_state import IngestStore, StageStore, connect, is_cluster
 from streams.reference import CatalogCache
 from streams.settings import Settings
 from topics import names
@@ -85,6 +85,13 @@ async def _until_done(
             log.error("%s failed, retrying in %.1fs: %r", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def _initialized(client: Any) -> Callable[[], Awaitable[None]]:
+    async def step() -> None:
+        await client.initialize()
+
+    return step
 
 
 def _refill(bootstrap: str, topic: str) -> Refill:
@@ -247,6 +254,10 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.task
     async def data_plane() -> None:
+        if is_cluster(redis_client):
+            # the slot map first, in one task: redis-py's cluster client connecting from many
+            # tasks at once trips over its own half-open connections
+            await _until_done("reach the Redis Cluster", _initialized(redis_client), "redis")
         running.append(asyncio.ensure_future(ingest_when_ready()))
         running.extend(asyncio.ensure_future(c.run()) for c in consumers[1:])
         await asyncio.gather(*running)

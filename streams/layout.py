@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streams.redis_state import connect_sync
 from streams.settings import Settings
 from topics import names
 
@@ -101,7 +101,7 @@ def check_state_now(settings: Settings, claim: bool, overwrite: bool = False) ->
 
 
 def _check_state(settings: Settings, claim: bool, overwrite: bool) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_sync(settings.redis_url)
     key = f"{settings.redis_prefix}:layout"
     mine = layout_text(settings)
     try:

@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import hiredis
 import orjson
+import redis
 import redis.asyncio as aioredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from detectors.event_time import NEVER
 from detectors.stage import State
@@ -200,7 +204,13 @@ _SAVE = (
     + _MERGE_TOPS
     + _RAISE_POSITION
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+-- fenced: a newer owner's generation refuses the write; an older or missing one means Redis lost
+-- its last writes (a failover to a replica that lagged, an AOF tail): the owner restores it
+local held = tonumber(redis.call('GET', KEYS[1]))
+if held ~= tonumber(ARGV[1]) then
+  if held ~= nil and held > tonumber(ARGV[1]) then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1])
+end
 local n_ids = tonumber(ARGV[3])
 if n_ids > 0 then
   local ids = {}
@@ -393,11 +403,43 @@ class _HiredisPackingConnection(aioredis.Connection):
         return [hiredis.pack_command(args)]
 
 
+# `REDIS_URL` naming a Redis Cluster: any one node as a seed, the client finds the rest.
+_CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+
+
+def cluster_seed(url: str) -> str | None:
+    """The plain URL of a seed node when `url` names a Redis Cluster (`redis+cluster://` or
+    `rediss+cluster://`), else None."""
+    for scheme, plain in _CLUSTER_SCHEMES.items():
+        if url.startswith(scheme):
+            return plain + url[len(scheme) :]
+    return None
+
+
 def connect(url: str) -> aioredis.Redis:
-    """The asyncio client every part of the project uses (plain TCP gets hiredis packing)."""
+    """The asyncio client every part of the project uses (plain TCP gets hiredis packing).
+
+    A cluster URL gets redis-py's cluster client, typed as the single-node one: every command
+    the project sends names keys of one slot (or one key), which both clients route alike, and
+    the multi-slot reads go through `queue_read_fields`, which splits them by slot."""
+    seed = cluster_seed(url)
+    if seed is not None:
+        return cast(aioredis.Redis, RedisCluster.from_url(seed))
     if url.startswith("redis://"):
         return aioredis.Redis.from_url(url, connection_class=_HiredisPackingConnection)
     return aioredis.Redis.from_url(url)
+
+
+def connect_sync(url: str) -> redis.Redis:
+    """The synchronous client, for start-up checks that run before an event loop does."""
+    seed = cluster_seed(url)
+    if seed is not None:
+        return cast(redis.Redis, redis.cluster.RedisCluster.from_url(seed))
+    return redis.Redis.from_url(url)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 class PartitionLost(RuntimeError):
@@ -491,9 +533,10 @@ class IngestStore:
         """`load` as one command of the caller's pipeline (`decode_load` reads its reply): a
         reader that needs other keys too pays one round trip. EVALSHA, not the registered
         script, so the pipeline does not ask SCRIPT EXISTS first; on NoScriptError call
-        `load_scripts` and send the pipeline again."""
+        `load_scripts` and send the pipeline again. As a raw command: redis-py's cluster
+        pipeline refuses its `evalsha` method, but routes the command by its keys."""
         keys, args = self.load_command(partition, event_keys, index_keys, institutions)
-        pipe.evalsha(self._load.sha, len(keys), *keys, *args)
+        pipe.execute_command("EVALSHA", self._load.sha, len(keys), *keys, *args)
 
     async def load_scripts(self) -> None:
         await self._client.script_load(_INGEST_LOAD)
@@ -807,9 +850,9 @@ def state_fields(
 
 
 # Values of many hash fields and string keys in one reply: a pipeline of N HGETs costs the
-# client N replies to read (~25 us each in redis-py), this one. Keys of many slots: a single
-# Redis only (a cluster refuses it, CROSSSLOT). KEYS: n hashes, then string keys; ARGV: n,
-# then a field per hash.
+# client N replies to read (~25 us each in redis-py), this one. Keys of many slots work on a
+# single Redis only (a cluster refuses them, CROSSSLOT): `queue_read_fields` sends one call per
+# slot there. KEYS: n hashes, then string keys; ARGV: n, then a field per hash.
 READ_FIELDS = """
 local n = tonumber(ARGV[1])
 local out = {}
@@ -821,3 +864,35 @@ return out
 
 def decode_states(keys: Sequence[str], values: Sequence[Any], codec: Codec) -> dict[str, State]:
     return {key: codec.unpack(raw) for key, raw in zip(keys, values, strict=True) if raw}
+
+
+def queue_read_fields(
+    pipe: Any, sha: str, fields: Sequence[tuple[str, bytes]], strings: Sequence[str], cluster: bool
+) -> tuple[int, Callable[[Sequence[Any]], list[Any]]]:
+    """Queue `READ_FIELDS` (by `sha`) for hash fields and string keys on `pipe`: one call, or
+    on a cluster one per slot. Returns how many replies it queued and how to turn them into the
+    values in order (fields', then strings')."""
+    if not cluster:
+        keys = [*(h for h, _ in fields), *strings]
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, len(fields), *(f for _, f in fields))
+        return 1, lambda replies: list(replies[0])
+    items: list[tuple[str, bytes | None]] = [*fields, *((s, None) for s in strings)]
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for i, (key, name) in enumerate(items):
+        hashes, plain = groups.setdefault(key_slot(key.encode()), ([], []))
+        (plain if name is None else hashes).append(i)
+    order = [hashes + plain for hashes, plain in groups.values()]
+    for (hashes, _plain), at in zip(groups.values(), order, strict=True):
+        keys = [items[i][0] for i in at]
+        pipe.execute_command(
+            "EVALSHA", sha, len(keys), *keys, len(hashes), *(items[i][1] for i in hashes)
+        )
+
+    def assemble(replies: Sequence[Any]) -> list[Any]:
+        values: list[Any] = [None] * len(items)
+        for at, reply in zip(order, replies, strict=True):
+            for i, value in zip(at, reply, strict=True):
+                values[i] = value
+        return values
+
+    return len(order), assemble

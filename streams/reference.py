@@ -25,6 +25,26 @@ from topics import names
 
 log = logging.getLogger("tracewatch.reference")
 
+# A hash replaced at once (and, given a second key, its version raised), in one script: a
+# reader never sees it half written. A script rather than MULTI: redis-py's asyncio cluster
+# client cannot close cleanly after a transaction. ARGV: field, value pairs.
+_REPLACE_HASH = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if #KEYS > 1 then return redis.call('INCR', KEYS[2]) end
+return 0
+"""
+
+
+async def _replace_hash(
+    client: aioredis.Redis, key: str, entries: dict[str, bytes], version_key: str | None = None
+) -> None:
+    args = [x for pair in entries.items() for x in pair]
+    keys = [key] if version_key is None else [key, version_key]
+    await client.eval(_REPLACE_HASH, len(keys), *keys, *args)
+
 
 def _product_json(p: Product) -> bytes:
     return orjson.dumps(
@@ -42,8 +62,9 @@ def _product_json(p: Product) -> bytes:
 class CatalogCache:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._client = client
-        self._hash = f"{prefix}:catalog"
-        self._version_key = f"{prefix}:catalog:version"
+        # one hash tag: replaced and versioned in one transaction, in one Redis Cluster slot
+        self._hash = f"{prefix}:{{catalog}}"
+        self._version_key = f"{prefix}:{{catalog}}:version"
         self._version: bytes | str | None = None
         self.catalog = Catalog()
         self.ready = asyncio.Event()  # set by the first refresh: ingest waits for it
@@ -54,12 +75,7 @@ class CatalogCache:
     async def publish(self, catalog: Catalog, producer: OutputProducer | None = None) -> None:
         """Write the catalog to Redis (replacing it) and, given a producer, to its topic."""
         entries = {p.product: _product_json(p) for p in catalog.products()}
-        pipe = self._client.pipeline(transaction=True)
-        pipe.delete(self._hash)
-        if entries:
-            pipe.hset(self._hash, mapping=entries)  # type: ignore[arg-type]
-        pipe.incr(self._version_key)
-        await pipe.execute()
+        await _replace_hash(self._client, self._hash, entries, self._version_key)
         if producer is not None:
             for product, value in entries.items():
                 producer.produce(names.CATALOG.name, value, product)
@@ -102,22 +118,13 @@ class InstitutionRegistry:
         self._hash = f"{prefix}:institutions"
 
     async def publish(self, institutions: list[Institution]) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.delete(self._hash)
-        if institutions:
-            entries = {
-                i.institution: orjson.dumps(
-                    {
-                        "institution": i.institution,
-                        "name": i.name,
-                        "kind": i.kind,
-                        "region": i.region,
-                    }
-                )
-                for i in institutions
-            }
-            pipe.hset(self._hash, mapping=entries)  # type: ignore[arg-type]
-        await pipe.execute()
+        entries = {
+            i.institution: orjson.dumps(
+                {"institution": i.institution, "name": i.name, "kind": i.kind, "region": i.region}
+            )
+            for i in institutions
+        }
+        await _replace_hash(self._client, self._hash, entries)
 
     async def region_of(self, institution: str) -> str | None:
         raw = await self._client.hget(self._hash, institution)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -47,7 +48,26 @@ MAX_DELAY = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) and not getattr(exc, "permanent", False)
+    if isinstance(exc, TRANSIENT):
+        return not getattr(exc, "permanent", False)
+    return _broken_redis_connection(exc)
+
+
+def _broken_redis_connection(exc: BaseException) -> bool:
+    """redis-py's asyncio client writing on a connection the peer (or a failover) closed can
+    raise AttributeError, TypeError or RuntimeError from its connection code instead of a
+    ConnectionError (redis-py #4287): an outage, which no message's data can cause."""
+    if not isinstance(exc, AttributeError | TypeError | RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_REDIS_CONNECTION = os.path.join("redis", "asyncio", "connection.py")
 
 
 async def run_batch(

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +92,15 @@ def create_topics(bootstrap: str, prefix: str = PREFIX, timeout: float = 30.0) -
     return created
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 # Per-key state lives in hashes of ~100 keys; Redis keeps a hash compact (listpack) only while
 # every value stays under hash-max-listpack-value (64 B by default) - one code with a long
 # history would otherwise turn its whole bucket into a hashtable (~2x the memory).
@@ -101,12 +110,14 @@ REDIS_STATE_OPTIONS = ("--hash-max-listpack-value", "512", "--hash-max-listpack-
 class RedisServer:
     """A throwaway `redis-server` on a free loopback port, in a temporary directory."""
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, options: Sequence[str] = ()) -> None:
         """`appendonly`: keep an AOF fsynced every second, as production runs it - a SIGKILL then
-        loses up to a second of writes, and a restart on the same port finds the rest."""
+        loses up to a second of writes, and a restart on the same port finds the rest.
+        `options`: more `redis-server` arguments (a cluster node's)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._appendonly = appendonly
+        self._options = tuple(options)
         self.url = ""
         self.port = 0
 
@@ -136,6 +147,7 @@ class RedisServer:
                 "--appendfsync",
                 "everysec",
                 *REDIS_STATE_OPTIONS,
+                *self._options,
                 "--dir",
                 self._dir.name,
             ],
@@ -150,6 +162,10 @@ class RedisServer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start within 10 s")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: what the AOF had not fsynced is lost; the directory stays for a restart."""
@@ -166,6 +182,91 @@ class RedisServer:
         if self._dir is not None and not keep_data:
             self._dir.cleanup()
             self._dir = None
+
+
+class RedisClusterServers:
+    """A throwaway Redis Cluster on loopback: `masters` masters with a replica each, from the
+    `redis-server` binary, formed by `redis-cli --cluster create`. A short node timeout lets a
+    replica take over a killed master within a few seconds."""
+
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        self._masters = masters
+        self._timeout = node_timeout_ms
+        self.nodes: list[RedisServer] = []
+        self.url = ""
+
+    def start(self) -> RedisClusterServers:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError(
+                "no redis-cli to form a cluster (Debian: apt-get install redis-tools)"
+            )
+        options = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self._timeout),
+        ]
+        try:
+            ports: set[int] = set()
+            while len(ports) < 2 * self._masters:
+                port = free_port()
+                if port + 10000 <= 65535 and _port_is_free(port + 10000):  # the cluster bus
+                    ports.add(port)
+            for port in sorted(ports):
+                self.nodes.append(RedisServer(appendonly=True, options=options).start(port))
+            subprocess.run(
+                ["redis-cli", "--cluster", "create"]
+                + [f"127.0.0.1:{n.port}" for n in self.nodes]
+                + ["--cluster-replicas", "1", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        return self
+
+    def _cli(self, node: RedisServer, *args: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(node.port), *args], capture_output=True, timeout=10
+        )
+        return done.stdout.decode()
+
+    def masters(self) -> list[RedisServer]:
+        """The running nodes that are masters now."""
+        return [
+            n
+            for n in self.nodes
+            if n.running and "role:master" in self._cli(n, "info", "replication")
+        ]
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every running node sees every slot served (`cluster_state:ok`), there are
+        `masters` masters (after a failover: once the replica has taken over) and every running
+        replica is in sync with its master (one that never synced would not take over)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = [n for n in self.nodes if n.running]
+            states = [self._cli(n, "cluster", "info") for n in running]
+            roles = [self._cli(n, "info", "replication") for n in running]
+            if (
+                all("cluster_state:ok" in s for s in states)
+                and sum("role:master" in r for r in roles) == self._masters
+                and all("master_link_status:up" in r for r in roles if "role:slave" in r)
+            ):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the Redis Cluster did not become healthy within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ an operator makes them (`tracewatch tokens add`)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -66,9 +67,15 @@ def start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
 
 @pytest.fixture(scope="module")
 def api(svc: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with api_on(svc, tmp_path_factory.mktemp("api")) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def api_on(svc: Services, folder: Path) -> Iterator[Api]:
+    """An API process with its tokens on `svc`'s broker and Redis (a cluster's too)."""
     prefix = f"twapi{uuid.uuid4().hex[:8]}"
     svc.create_topics(prefix)
-    folder = tmp_path_factory.mktemp("api")
     catalog = folder / "catalog.jsonl"
     catalog.write_text("\n".join(CATALOG_LINES) + "\n")
     institutions = folder / "institutions.jsonl"

@@ -66,6 +66,30 @@ def test_a_worker_that_lost_the_partition_cannot_write(svc: Services, redis_pref
     with_redis(svc, body)
 
 
+def test_a_generation_redis_lost_is_restored_by_its_owner(svc: Services, redis_prefix: str) -> None:
+    """A failover to a lagging replica (or an AOF tail) can lose the last INCR of `gen`: the
+    owner's save finds an older or no generation, writes and puts its own back; a newer one
+    still refuses it."""
+
+    async def body(client: aioredis.Redis) -> None:
+        store = StageStore(client, redis_prefix, "L", buckets=8, applied_days=2, codec=JsonCodec())
+        await store.acquire([5])
+        gen_key = f"{redis_prefix}:{{L5}}:gen"
+        mine = store.generations[5]
+        await client.delete(gen_key)
+        await store.save(5, {"k": {"legacy": 1}}, ["r1"])
+        assert await client.get(gen_key) == mine.encode()
+        await client.set(gen_key, int(mine) - 1)
+        await store.save(5, {"k": {"legacy": 2}}, ["r2"])
+        assert await client.get(gen_key) == mine.encode()
+        assert (await store.load(5, ["k"], [])).state == {"k": {"legacy": 2}}
+        await client.set(gen_key, int(mine) + 1)  # a newer owner
+        with pytest.raises(PartitionLost):
+            await store.save(5, {"k": {"legacy": 3}}, ["r3"])
+
+    with_redis(svc, body)
+
+
 def test_lane_tops_and_due_index(svc: Services, redis_prefix: str) -> None:
     """Parked states come back once their lane's effective time passes them, with binary-packed
     code keys; lane tops only ever rise, part by part."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
+import redis
 import redis.exceptions
 
 from streams.output import OutputError
@@ -80,3 +82,27 @@ def test_what_counts_as_an_outage() -> None:
     assert is_transient(OutputError("timed out"))
     assert not is_transient(OutputError("message too large", permanent=True))
     assert not is_transient(ValueError())
+
+
+def _raised_in(filename: str, exc: Exception) -> BaseException:
+    """`exc` as raised by code compiled from `filename` (its frame carries that name)."""
+    code = compile("raise exc", filename, "exec")
+    try:
+        exec(code, {"exc": exc})
+    except Exception as raised:
+        return raised
+    raise AssertionError("not raised")
+
+
+def test_a_redis_connection_broken_under_the_client_is_an_outage() -> None:
+    """redis-py's asyncio connection code leaks AttributeError/TypeError/RuntimeError when it
+    writes on a connection a failover closed; the same errors from anywhere else are data's."""
+    connection = os.path.join(os.path.dirname(redis.__file__), "asyncio", "connection.py")
+    for exc in (
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        TypeError("'NoneType' object is not callable"),
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>"),
+    ):
+        assert is_transient(_raised_in(connection, exc))
+        assert not is_transient(_raised_in(__file__, type(exc)(*exc.args)))
+    assert not is_transient(_raised_in(connection, ValueError("a parse error")))
