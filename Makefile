@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m streams.cli demo
+	$(PY) -m loadtest.demo
 
 $(PROMTOOL):
 	@mkdir -p $(TOOLS)/deb
@@ -33,7 +33,7 @@ test: $(STAMP) $(PROMTOOL)
 
 # A generated stream with ground truth through replay and the streaming pipeline, scored.
 loadtest: $(STAMP)
-	$(PY) -m streams.cli loadtest --events $(or $(EVENTS),20000)
+	$(PY) -m loadtest.run --events $(or $(EVENTS),20000)
 
 # The arrival-order harness at full size: 200 orders of a 20,000-event generated stream.
 determinism: $(STAMP)

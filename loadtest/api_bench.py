@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from streams.services import free_port, stop_process, wait_for_http
+from harness.services import free_port, stop_process, wait_for_http
 
 CODES_PER_CHECK = 4
 
@@ -199,7 +199,7 @@ def run(
         port = free_port()
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "api"],
+                [sys.executable, "-m", "cli", "api"],
                 env={
                     **env,
                     "TRACEWATCH_API_PORT": str(port),

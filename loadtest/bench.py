@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
+from harness.services import stop_process
 from loadtest.generator import START, write_dataset
 from loadtest.run import ROOT, replay_file
-from streams.services import stop_process
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -218,18 +218,18 @@ class Costs:
 
 class Workers:
     def __init__(self, env: dict[str, str], count: int) -> None:
-        from streams.services import free_port
+        from harness.services import free_port
 
         self.procs: list[tuple[subprocess.Popen[bytes], int]] = []
         for _ in range(count):
             port = free_port()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"],
+                [sys.executable, "-m", "cli", "worker"],
                 env={**env, "TRACEWATCH_WEB_PORT": str(port)},
                 cwd=ROOT,
             )
             self.procs.append((proc, port))
-        from streams.demo import _wait_for_worker
+        from loadtest.demo import _wait_for_worker
 
         for proc, port in self.procs:
             _wait_for_worker(port, proc, timeout=90)
@@ -300,7 +300,7 @@ def run(
     api_rate: float = 1000,
     api_seconds: float = 20,
 ) -> dict[str, Any]:
-    from streams.services import pipeline_env, services
+    from harness.services import pipeline_env, services
     from topics.names import all_topics
 
     workdir = tempfile.mkdtemp(prefix="tracewatch-bench-")

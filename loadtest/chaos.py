@@ -42,10 +42,10 @@ from confluent_kafka import Consumer, KafkaException, Producer
 
 from detectors.catalog import load_catalog
 from detectors.pipeline import Pipeline
+from harness.services import RedisServer, Services, free_port, pipeline_env, services, stop_process
 from loadtest.generator import Rates, write_dataset
 from loadtest.poison import poison_and_good
 from streams.backfill import read_in_input_order
-from streams.services import RedisServer, Services, free_port, pipeline_env, services, stop_process
 from topics.records import InvalidEvent, normalise_id, parse_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ class Run:
 
     def start_worker(self, i: int) -> None:
         self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"],
+            [sys.executable, "-m", "cli", "worker"],
             env=self.env(i),
             cwd=ROOT,
             stdout=self.log,

@@ -1,4 +1,4 @@
-"""`make loadtest` / `tracewatch loadtest`: generate a stream with ground truth, run it through
+"""`make loadtest` (`python -m loadtest.run`; `tracewatch loadtest` starts it): generate a stream with ground truth, run it through
 replay and through the streaming pipeline, and score both.
 
 Prints precision and recall per rule, false alerts per 10,000 scans, and every difference
@@ -21,9 +21,9 @@ import orjson
 
 from detectors.catalog import load_catalog
 from detectors.pipeline import Pipeline
+from harness.services import Services
 from loadtest.generator import Rates, write_dataset
 from loadtest.score import Score, count_scans, score
-from streams.services import Services
 from topics.records import InvalidEvent, parse_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def run_loadtest(
     progress: bool = False,
     svc: Services | None = None,
 ) -> LoadtestResult:
-    """`svc`: broker and Redis to use (tests pass theirs); default: `streams.services`."""
+    """`svc`: broker and Redis to use (tests pass theirs); default: `harness.services`."""
     workdir = workdir or tempfile.mkdtemp(prefix="tracewatch-loadtest-")
     data = write_dataset(workdir, events, seed, rates=rates or Rates())
     truth: list[str] = orjson.loads(Path(data["truth"]).read_bytes())["alerts"]
@@ -122,22 +122,20 @@ def stream_file(
 ) -> list[dict[str, Any]]:
     """The alerts standing after a worker ran the file, read until the standing ids are
     `expected` or nothing came for a while after the input was consumed."""
-    from streams.cli import follow_topic
-    from streams.demo import _wait_for_worker
-    from streams.services import free_port, pipeline_env, services, stop_process
+    from cli.main import follow_topic
+    from harness.services import free_port, pipeline_env, services, stop_process
+    from loadtest.demo import _wait_for_worker
 
     prefix = f"twload{time.time_ns()}"
     with contextlib.nullcontext(given) if given is not None else services() as svc:
         svc.create_topics(prefix)
         port = free_port()
         env = pipeline_env(svc, prefix, data["catalog"], TRACEWATCH_WEB_PORT=str(port))
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=ROOT
-        )
+        worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT)
         try:
             _wait_for_worker(port, worker)
             subprocess.run(
-                [sys.executable, "-m", "streams.cli", "produce", data["events"], "--allow-invalid"],
+                [sys.executable, "-m", "cli", "produce", data["events"], "--allow-invalid"],
                 env=env,
                 cwd=ROOT,
                 check=True,
@@ -161,3 +159,38 @@ def stream_file(
             return standing(alerts)
         finally:
             stop_process(worker)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when replay (and the stream) scored precision and recall 1.0, else 1."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.run",
+        description="`make loadtest` (also `tracewatch loadtest`): a generated stream with "
+        "ground truth through replay and the streaming pipeline (embedded broker and a private "
+        "Redis unless KAFKA_BOOTSTRAP / REDIS_URL are set), both scored.",
+    )
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fraud-scale", type=float, default=1.0, help="multiply every fraud rate")
+    parser.add_argument("--replay-only", action="store_true", help="skip the streaming run")
+    parser.add_argument("--dir", help="where to write the dataset (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    result = run_loadtest(
+        args.events,
+        args.seed,
+        stream=not args.replay_only,
+        workdir=args.dir,
+        rates=Rates().scaled(args.fraud_scale),
+        progress=True,
+    )
+    print(result.report())
+    perfect = result.replay.precision() == result.replay.recall() == 1.0
+    if result.stream is not None:
+        perfect = perfect and result.stream.precision() == result.stream.recall() == 1.0
+    return 0 if perfect else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

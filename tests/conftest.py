@@ -1,4 +1,4 @@
-"""Session fixtures: a real Kafka-protocol broker and a real Redis (see streams.services)."""
+"""Session fixtures: a real Kafka-protocol broker and a real Redis (see harness.services)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.services import Services, free_port, services
+from harness.services import Services, free_port, services
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG_LINES = [
@@ -62,7 +62,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=self.env, cwd=ROOT
+            [sys.executable, "-m", "cli", "worker"], env=self.env, cwd=ROOT
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

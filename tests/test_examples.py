@@ -18,7 +18,7 @@ def test_replay_of_the_examples_gives_the_alerts_the_readme_lists() -> None:
         [
             sys.executable,
             "-m",
-            "streams.cli",
+            "cli",
             "replay",
             str(EXAMPLES / "events.jsonl"),
             "--catalog",

@@ -29,7 +29,7 @@ def _partitions(variable: str, default: int) -> int:
 
 # The unit of parallelism: a worker owns a partition at a time. 16 suit one machine and the
 # embedded broker; at national scale the README advises 256. Checked against the topics at start
-# (`streams.services.check_layout`): a count changed under existing topics or state is refused.
+# (`harness.services.check_layout`): a count changed under existing topics or state is refused.
 # The input topic's count is also the number of watermark lanes (`detectors.event_time.LANES`).
 INPUT_PARTITIONS = _partitions("TRACEWATCH_INPUT_PARTITIONS", 16)
 STAGE_PARTITIONS = _partitions("TRACEWATCH_STAGE_PARTITIONS", 16)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streams.services import Services, free_port, pipeline_env, stop_process
+from harness.services import Services, free_port, pipeline_env, stop_process
 from tests.conftest import CATALOG_LINES, ROOT
 
 INSTITUTIONS = [
@@ -28,7 +28,7 @@ INSTITUTIONS = [
 def cli(env: dict[str, str], *args: str) -> str:
     """A `tracewatch` command as the operator runs it; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -52,7 +52,7 @@ class Api:
 
 
 def start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "api"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env, cwd=ROOT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the API exited with {proc.returncode}"

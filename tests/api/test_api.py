@@ -16,7 +16,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from api.schemas import CheckAnswer, CodeHistory, EventsAnswer
-from streams.services import free_port, stop_process
+from harness.services import free_port, stop_process
 from tests.api.conftest import Api, cli, start_api
 from topics.records import InvalidEvent, parse_event
 

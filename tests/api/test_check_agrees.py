@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from streams.services import Services
+from harness.services import Services
 from tests.api.conftest import Api
 from tests.api.test_api import settlement
 from tests.conftest import WorkerProcess

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.services import Services
+from harness.services import Services
 from tests.api.conftest import Api
 from tests.api.test_api import input_messages, settlement
 

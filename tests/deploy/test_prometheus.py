@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from streams.services import Services, free_port
+from harness.services import Services, free_port
 from tests.conftest import CATALOG_LINES, ROOT, WorkerProcess
 
 DEPLOY = Path(ROOT) / "deploy"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from harness.services import Services
 from loadtest.chaos import SCENARIOS, run_scenario
-from streams.services import Services
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from harness.services import Services
 from loadtest.generator import Generator, Rates
 from loadtest.run import run_loadtest
-from streams.services import Services
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.services import Services, free_port
 from streams.layout import LayoutMismatch, check_state
-from streams.services import Services, free_port
 from streams.settings import Settings
 from tests.conftest import ROOT
 
@@ -46,7 +46,7 @@ def _worker(
 ) -> subprocess.CompletedProcess[str]:
     """`tracewatch worker` run to its end (these workers are expected to refuse and exit)."""
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
+        [sys.executable, "-m", "cli", "worker"],
         cwd=ROOT,
         capture_output=True,
         text=True,

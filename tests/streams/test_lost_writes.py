@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from streams.services import Services
+from harness.services import Services
 from tests.streams.test_pipeline_integration import (
     Pipe,
     _distinct,

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from streams.services import RedisServer, Services
+from harness.services import RedisServer, Services
 from tests.conftest import WorkerProcess
 from tests.streams.test_pipeline_integration import read_topic
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.embedded_broker import MockCluster
+from harness.embedded_broker import MockCluster
 from streams.output import OutputError, OutputProducer
 
 OUT_OF_ORDER_SEQUENCE_NUMBER = 45

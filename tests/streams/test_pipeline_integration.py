@@ -21,10 +21,10 @@ from confluent_kafka import Consumer
 from detectors.catalog import load_catalog
 from detectors.ledger import describe
 from detectors.pipeline import Pipeline
+from harness.services import Services
 from loadtest.generator import Rates, write_dataset
 from streams.backfill import read_in_input_order
 from streams.codecs import CodeCodec, JsonCodec
-from streams.services import Services
 from tests.conftest import ROOT, WorkerProcess
 from topics.records import KEY_SEP, InvalidEvent, parse_event
 
@@ -106,7 +106,7 @@ class Pipe:
     def produce(self, path: str) -> None:
         env = {**WorkerProcess(self.svc, self.env).env}
         subprocess.run(
-            [sys.executable, "-m", "streams.cli", "produce", path, "--allow-invalid"],
+            [sys.executable, "-m", "cli", "produce", path, "--allow-invalid"],
             env=env,
             cwd=ROOT,
             check=True,
@@ -185,7 +185,7 @@ def test_stream_equals_replay(svc: Services, redis_prefix: str, tmp_path: Path) 
             else:
                 closed.append(False)
         cli = subprocess.run(
-            [sys.executable, "-m", "streams.cli", "ledger", "P00001"],
+            [sys.executable, "-m", "cli", "ledger", "P00001"],
             env=worker.env,
             cwd=ROOT,
             capture_output=True,
@@ -279,7 +279,7 @@ def test_rebuild_recreates_the_workers_state_from_the_input_topic(
     rebuilt_prefix = f"{redis_prefix}rb"
     env = {**WorkerProcess(svc, {**pipe.env, "TRACEWATCH_REDIS_PREFIX": rebuilt_prefix}).env}
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "rebuild"],
+        [sys.executable, "-m", "cli", "rebuild"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -293,7 +293,7 @@ def test_rebuild_recreates_the_workers_state_from_the_input_topic(
         rebuilt = _stage_states(svc.redis_url, rebuilt_prefix, tag, codec)
         assert live and rebuilt == live, tag
     again = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "rebuild"], env=env, cwd=ROOT, capture_output=True
+        [sys.executable, "-m", "cli", "rebuild"], env=env, cwd=ROOT, capture_output=True
     )
     assert again.returncode == 1 and b"already holds state" in again.stderr
 
@@ -341,7 +341,7 @@ def test_catalog_update_reaches_a_running_worker(
 
         def run(*args: str) -> subprocess.CompletedProcess[bytes]:
             return subprocess.run(
-                [sys.executable, "-m", "streams.cli", *args],
+                [sys.executable, "-m", "cli", *args],
                 env=worker.env,
                 cwd=ROOT,
                 check=True,

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from harness.services import Services
 from loadtest.poison import poison, settlement
-from streams.services import Services
 from tests.conftest import WorkerProcess
 from tests.streams.test_pipeline_integration import read_topic
 from topics.records import InvalidEvent, parse_event

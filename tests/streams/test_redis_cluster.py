@@ -1,5 +1,5 @@
 """The pipeline on a real Redis Cluster: three masters with a replica each on loopback
-(`streams.services.RedisClusterServers`), `REDIS_URL=redis+cluster://...`.
+(`harness.services.RedisClusterServers`), `REDIS_URL=redis+cluster://...`.
 
 Every stage partition's keys share a hash tag, so each script runs in one slot; the reads that
 span slots (the API's check) are split per slot. A master killed mid-stream is replaced by its
@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from detectors.catalog import load_catalog
+from harness.services import RedisClusterServers, Services
 from streams.codecs import JsonCodec
 from streams.layout import LayoutMismatch, check_state_now
 from streams.rebuild import prefix_is_empty
@@ -34,7 +35,6 @@ from streams.redis_state import (
     state_fields,
 )
 from streams.reference import CatalogCache
-from streams.services import RedisClusterServers, Services
 from streams.settings import Settings
 from tests.api import test_check_agrees
 from tests.api.conftest import api_on

@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from detectors.stage import lane_of
+from harness.services import Services
 from streams.codecs import CodeCodec, JsonCodec
 from streams.redis_state import IngestStore, PartitionLost, StageStore, connect
-from streams.services import Services
 
 T = TypeVar("T")
 pytestmark = pytest.mark.integration

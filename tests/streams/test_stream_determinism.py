@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from detectors.catalog import load_catalog
-from streams.services import Services
+from harness.services import Services
 from tests.detectors.arrival_orders import arrival_orders, replay_standing
 from tests.streams.test_pipeline_integration import Pipe, _distinct, standing
 

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from streams.embedded_broker import EmbeddedBroker
-from streams.services import Services
+from harness.embedded_broker import EmbeddedBroker
+from harness.services import Services
 from tests.conftest import CATALOG_LINES, WorkerProcess
 
 pytestmark = pytest.mark.integration

@@ -314,7 +314,7 @@ def _row(message: dict[str, Any]) -> str:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streams.services import create_topics, input_retention_ms
+    from cli.topics import create_topics, input_retention_ms
 
     bootstrap = Settings().require_kafka()
     reachable(bootstrap)
@@ -358,10 +358,20 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+def _hand_over(module: str, argv: list[str]) -> int:
+    """Run a tool of the local harness (`loadtest/`) in this process's place: the operator
+    CLI never imports it (the production image may leave it out), it only starts it."""
+    import importlib.util
+    import os
 
-    return run_demo(events=args.events, seed=args.seed)
+    if importlib.util.find_spec(module) is None:
+        raise BadInput(f"{module} is not installed here: it ships with the source checkout")
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+    return 0  # not reached: execv replaces the process
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _hand_over("loadtest.demo", ["--events", str(args.events), "--seed", str(args.seed)])
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
@@ -411,22 +421,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from loadtest.generator import Rates
-    from loadtest.run import run_loadtest
-
-    result = run_loadtest(
-        args.events,
-        args.seed,
-        stream=not args.replay_only,
-        workdir=args.dir,
-        rates=Rates().scaled(args.fraud_scale),
-        progress=True,
-    )
-    print(result.report())
-    perfect = result.replay.precision() == result.replay.recall() == 1.0
-    if result.stream is not None:
-        perfect = perfect and result.stream.precision() == result.stream.recall() == 1.0
-    return 0 if perfect else 1
+    argv = ["--events", str(args.events), "--seed", str(args.seed)]
+    argv += ["--fraud-scale", str(args.fraud_scale)]
+    argv += ["--replay-only"] if args.replay_only else []
+    argv += ["--dir", args.dir] if args.dir else []
+    return _hand_over("loadtest.run", argv)
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -11,13 +11,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.services import Services
+from harness.services import Services
 from tests.conftest import ROOT
 
 
 def tracewatch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True
     )
 
 
@@ -77,7 +77,7 @@ def test_produce_refuses_a_non_json_line(tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
     events.write_text('{"institution": "H1"}\n{broken\n')
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "produce", str(events)],
+        [sys.executable, "-m", "cli", "produce", str(events)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -105,7 +105,7 @@ def test_replay_allow_invalid_exits_0_and_an_unwritable_out_is_one_line(
 
 
 def test_version_and_every_command_says_what_it_reads_with_an_example() -> None:
-    from streams.cli import HELP
+    from cli.main import HELP
 
     version = tracewatch("--version")
     assert version.returncode == 0 and version.stdout.startswith("tracewatch ")
@@ -123,7 +123,7 @@ def test_an_unreachable_broker_is_one_line_and_exit_2_within_seconds(tmp_path: P
     for args in (["produce", str(events)], ["alerts", "--timeout", "30"]):
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "streams.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -137,7 +137,7 @@ def test_an_unreachable_broker_is_one_line_and_exit_2_within_seconds(tmp_path: P
 
 
 def test_alert_filters() -> None:
-    from streams.cli import AlertFilter, BadInput, _since
+    from cli.main import AlertFilter, BadInput, _since
 
     alert = {
         "rule": "DUPLICATE_SALE",
@@ -183,7 +183,7 @@ def test_alerts_filters_a_real_topic_into_a_table(svc: Services, redis_prefix: s
     }
     args = ["alerts", "--rule", "DUPLICATE_SALE", "--since", "2026-11-20T00:00:00+08:00"]
     table = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args, "--format", "table", "--max", "1"],
+        [sys.executable, "-m", "cli", *args, "--format", "table", "--max", "1"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
@@ -194,7 +194,7 @@ def test_alerts_filters_a_real_topic_into_a_table(svc: Services, redis_prefix: s
         "81000010000000000077", "standing",
     ]  # fmt: skip
     lines = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "alerts", "--institution", "P1", "--timeout", "6",
+        [sys.executable, "-m", "cli", "alerts", "--institution", "P1", "--timeout", "6",
          "--from-beginning"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
@@ -203,7 +203,7 @@ def test_alerts_filters_a_real_topic_into_a_table(svc: Services, redis_prefix: s
 
 def test_a_missing_setting_is_bad_usage() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "alerts"],
+        [sys.executable, "-m", "cli", "alerts"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -217,7 +217,7 @@ def test_a_missing_setting_is_bad_usage() -> None:
 def test_the_input_topic_is_kept_for_ever_unless_the_operator_says(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from streams.services import topic_config
+    from cli.topics import topic_config
     from topics.names import ALERTS, EVENTS
 
     assert topic_config(EVENTS)["retention.ms"] == "-1"
@@ -228,7 +228,7 @@ def test_the_input_topic_is_kept_for_ever_unless_the_operator_says(
 
 def test_redis_unreachable_is_one_line_and_exit_2() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "tokens", "list"],
+        [sys.executable, "-m", "cli", "tokens", "list"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -241,7 +241,7 @@ def test_redis_unreachable_is_one_line_and_exit_2() -> None:
 
 
 def test_verdicts_filter_by_their_lines_rules() -> None:
-    from streams.cli import AlertFilter
+    from cli.main import AlertFilter
 
     verdict = {"verdict": "reject", "lines": [{"line_no": 1, "rules": ["NO_CODE"]}]}
     assert AlertFilter(["NO_CODE"]).matches(verdict)

@@ -10,7 +10,7 @@ host creates every topic of `topics.names` itself; each partition keeps at most 
 message sets and silently drops the oldest beyond that; an empty fetch is held for the consumer's
 full max-wait, so consumers must use a short `fetch.wait.max.ms`.
 
-Run as `python -m streams.embedded_broker`: prints `BOOTSTRAP host:port` once the topics exist,
+Run as `python -m harness.embedded_broker`: prints `BOOTSTRAP host:port` once the topics exist,
 then serves until SIGTERM/SIGINT or until stdin closes (so it never outlives its parent). A line
 `TOPICS <prefix>` on stdin creates the pipeline's topics under another prefix (answer: `OK`).
 """
@@ -167,7 +167,7 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.embedded_broker"],
+            [sys.executable, "-m", "harness.embedded_broker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,7 +1,7 @@
 """`make run`: broker, Redis, a worker, the HTTP API and a generated demo stream, with alerts
 shown live.
 
-Starts what is missing (see `streams.services`), publishes the sample catalog, starts one worker
+Starts what is missing (see `harness.services`), publishes the sample catalog, starts one worker
 process and `tracewatch api` beside it, makes an API token for one institution and submits that
 institution's events through `POST /v1/events` as its POS would, produces the rest of the demo
 stream straight to the input topic (`tracewatch produce`), prints each alert as it arrives, then
@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from streams.cli import follow_topic
-from streams.services import free_port, services, stop_process, wait_for_http
+from cli.main import follow_topic
+from harness.services import free_port, services, stop_process, wait_for_http
 from topics import names
 
 
@@ -145,15 +145,15 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
         children: list[subprocess.Popen[bytes]] = []
         stopped = False
         try:
-            worker = _spawn([sys.executable, "-m", "streams.cli", "worker"], env, children)
+            worker = _spawn([sys.executable, "-m", "cli", "worker"], env, children)
             _wait_for_worker(web_port, worker)
             print(f"worker up; Prometheus metrics at http://127.0.0.1:{web_port}/metrics")
-            api = _spawn([sys.executable, "-m", "streams.cli", "api"], env, children)
+            api = _spawn([sys.executable, "-m", "cli", "api"], env, children)
             wait_for_http(f"{api_url}/readyz", api, "API")
             print(f"API up at {api_url} (OpenAPI at {api_url}/docs)")
             chosen, through_api, rest = split_by_institution(data["events"], workdir)
             token = subprocess.run(
-                [sys.executable, "-m", "streams.cli", "tokens", "add", chosen],
+                [sys.executable, "-m", "cli", "tokens", "add", chosen],
                 env=env,
                 check=True,
                 capture_output=True,
@@ -165,7 +165,7 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
                 f"({', '.join(f'{n} {status}' for status, n in sorted(results.items()))})"
             )
             subprocess.run(
-                [sys.executable, "-m", "streams.cli", "produce", rest, "--allow-invalid"],
+                [sys.executable, "-m", "cli", "produce", rest, "--allow-invalid"],
                 env=env,
                 check=True,
             )
@@ -211,3 +211,22 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
         print("stopped")
     # stopped by the user: a clean stop (0); done on its own: 0 only if it showed alerts
     return 0 if by_rule or stopped else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.demo",
+        description="What `make run` runs (also `tracewatch demo`): broker and Redis (embedded "
+        "unless KAFKA_BOOTSTRAP / REDIS_URL are set), a worker, the API and a generated demo "
+        "stream partly through the API; alerts live; Ctrl-C stops everything.",
+    )
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    return run_demo(events=args.events, seed=args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

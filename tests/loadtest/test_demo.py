@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.services import Services
+from harness.services import Services
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ def test_demo_shows_alerts_and_stops(svc: Services, redis_prefix: str) -> None:
         "TRACEWATCH_TOPIC_PREFIX": redis_prefix,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "demo", "--events", "600"],
+        [sys.executable, "-m", "cli", "demo", "--events", "600"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -68,7 +68,7 @@ def test_a_stop_signal_ends_the_demo_and_everything_it_started(
     temporary = Path(tempfile.gettempdir())
     folders_before = set(temporary.glob("tracewatch-demo-*"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "demo", "--events", "300"],
+        [sys.executable, "-m", "cli", "demo", "--events", "300"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
