@@ -31,6 +31,7 @@ from typing import Any
 
 import faust
 from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from prometheus_client import generate_latest
 
 from detectors.code_state import CodeStage
@@ -38,7 +39,7 @@ from detectors.ledger import LedgerStage
 from detectors.pipeline import CODE_PART, LEDGER_PART
 from detectors.stage import Stage
 from detectors.verdicts import VerdictStage
-from streams import gc_tuning, metrics
+from streams import gc_tuning, log_rate, metrics
 from streams.backfill import read_range_async
 from streams.codecs import CodeCodec, JsonCodec
 from streams.consumer import BatchConsumer, Partitions, consumer_config
@@ -57,6 +58,17 @@ log = logging.getLogger("tracewatch.worker")
 STOP_GRACE_SECONDS = 5.0
 
 _original_on_join_leader = CoordinatorGroupRebalance._on_join_leader
+_original_consumer_thread_stop = AIOKafkaConsumerThread.on_thread_stop
+
+
+async def _consumer_thread_stop(self: Any) -> None:
+    # Faust's own consumer (its leader-election topic only) stopped while the broker is gone:
+    # aiokafka's fetcher re-raises the cancel of its retry sleep out of `stop()`, the thread
+    # dies without saying it stopped, and mode waits 60 s for it. Nothing of ours is in it.
+    try:
+        await asyncio.wait_for(_original_consumer_thread_stop(self), STOP_GRACE_SECONDS)
+    except (asyncio.CancelledError, Exception) as exc:
+        log.warning("Faust's consumer did not stop cleanly (%r); going on", exc)
 
 
 async def _on_join_leader_after_followers(self: Any, response: Any) -> Any:
@@ -335,6 +347,8 @@ def run_worker(settings: Settings) -> None:
         pass
     app = build_app(settings)
     gc_tuning.tune()
+    log_rate.limit_aiokafka()  # its connection errors every 100 ms while a broker is gone
+    AIOKafkaConsumerThread.on_thread_stop = _consumer_thread_stop  # type: ignore[method-assign]
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     # Faust's spinner sets the root logger to DEBUG when the level is WARNING: every debug line
     # is then formatted (about 10% of CPU).

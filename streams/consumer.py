@@ -145,7 +145,7 @@ class BatchConsumer:
         self._admin_config = {
             k: v
             for k, v in config.items()
-            if k == "bootstrap.servers" or k.startswith(("security.", "sasl.", "ssl."))
+            if k in ("bootstrap.servers", "logger") or k.startswith(("security.", "sasl.", "ssl."))
         }
         self._admin: AdminClient | None = None
         self._thread = _DaemonThread(f"tracewatch-{stage}")
@@ -154,7 +154,7 @@ class BatchConsumer:
     async def run(self) -> None:
         """Consume until `stop()`, then commit what was stored and leave the group."""
         loop = self._loop = asyncio.get_running_loop()
-        consumer = self._consumer = Consumer(self._config, logger=log)
+        consumer = self._consumer = Consumer(self._config)  # librdkafka logs: client_config
         consumer.subscribe(
             [self.topic],
             on_assign=self._on_assign,

@@ -59,8 +59,11 @@ def security() -> dict[str, str]:
 
 def client_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """A confluent-kafka client's configuration: bootstrap, security, then `overrides`
-    (librdkafka names, with dots)."""
-    return {"bootstrap.servers": bootstrap, **security(), **overrides}
+    (librdkafka names, with dots). librdkafka logs through Python's logging, each kind of
+    message at most once a minute (`streams.log_rate`), not straight to stderr."""
+    from streams.log_rate import LIBRDKAFKA
+
+    return {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA, **security(), **overrides}
 
 
 class BrokerUnreachable(Exception):

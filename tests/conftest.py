@@ -49,7 +49,9 @@ def catalog_file(tmp_path: Path) -> Path:
 class WorkerProcess:
     """`tracewatch worker` as a child process, as operators run it."""
 
-    def __init__(self, svc: Services, env: dict[str, str]) -> None:
+    def __init__(self, svc: Services, env: dict[str, str], log: Path | None = None) -> None:
+        """`log`: where its stdout and stderr go (default: the test's)."""
+        self.log = log
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -61,9 +63,16 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
+        out = None if self.log is None else open(self.log, "ab")  # noqa: SIM115 (the child's)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker"], env=self.env, cwd=ROOT
+            [sys.executable, "-m", "cli", "worker"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
         )
+        if out is not None:
+            out.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}"
