@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m loadtest.demo
+	$(PY) -m loadtest.demo $(if $(EVENTS),--events $(EVENTS))
 
 $(PROMTOOL):
 	@mkdir -p $(TOOLS)/deb

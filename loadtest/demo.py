@@ -12,12 +12,14 @@ stops everything it started.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +110,54 @@ def _spawn(
     return child
 
 
+def _take_the_terminal() -> Callable[[], None]:
+    """Make the demo (and what it starts) the terminal's foreground process group, and return
+    how to give the terminal back. Ctrl-C then interrupts the demo, which stops everything and
+    exits 0, and not `make` above it too: GNU make, interrupted, reports "*** Interrupt" and
+    exits 130 whatever its recipe did. Without a terminal (CI, a supervisor) nothing changes."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return lambda: None
+    try:
+        before = os.tcgetpgrp(tty)
+        if before != os.getpgrp():  # started in the background: leave the terminal alone
+            os.close(tty)
+            return lambda: None
+        os.setpgid(0, 0)
+        _foreground(tty, os.getpgrp())
+    except OSError:
+        os.close(tty)
+        return lambda: None
+
+    def give_back() -> None:
+        with contextlib.suppress(OSError):
+            _foreground(tty, before)
+        os.close(tty)
+
+    return give_back
+
+
+def _foreground(tty: int, group: int) -> None:
+    # a process outside the foreground group that sets it gets SIGTTOU unless it ignores it
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(tty, group)
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
+
+
 def run_demo(events: int = 3000, seed: int = 7, exit_when_done: bool = False) -> int:
     # SIGTERM (timeout, docker stop, systemd) at any point stops it as Ctrl-C does: what it
     # started is stopped, nothing is left behind. Python's default would end it on the spot.
     signal.signal(signal.SIGTERM, _interrupt)
-    # the generated files, the rest of the stream and the API token go when the demo does
-    with tempfile.TemporaryDirectory(prefix="tracewatch-demo-") as workdir:
-        return _run_demo(workdir, events, seed, exit_when_done)
+    give_back = _take_the_terminal()
+    try:
+        # the generated files, the rest of the stream and the API token go when the demo does
+        with tempfile.TemporaryDirectory(prefix="tracewatch-demo-") as workdir:
+            return _run_demo(workdir, events, seed, exit_when_done)
+    finally:
+        give_back()
 
 
 def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int:

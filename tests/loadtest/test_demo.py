@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -109,3 +112,50 @@ def test_a_stop_signal_ends_the_demo_and_everything_it_started(
         time.sleep(0.2)
     else:
         pytest.fail("processes of the demo's group are still running after Ctrl-C")
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
+    """What the terminal shows until `wanted` appears (or EOF, or `timeout`)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every process on the terminal has gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_ctrl_c_on_make_run_in_a_terminal_exits_0() -> None:
+    """`make run` in a terminal, then Ctrl-C typed: make must exit 0 (the demo takes the
+    terminal's foreground, so make is not interrupted and does not report "*** Interrupt")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP", "REDIS_URL")}
+    env.pop("MAKEFLAGS", None)
+    env.pop("MAKELEVEL", None)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader on the new terminal, as a login shell would be
+        try:
+            os.chdir(ROOT)
+            os.execvpe("make", ["make", "-s", "run", "EVENTS=300"], env)
+        finally:
+            os._exit(127)
+    try:
+        shown = _read_until(fd, b"running;", timeout=240)
+        assert b"running;" in shown, shown[-3000:].decode(errors="replace")
+        os.write(fd, b"\x03")  # Ctrl-C, as typed
+        shown += _read_until(fd, b"\x00never", timeout=30)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = shown.decode(errors="replace")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, text[-2000:])
+    assert "Interrupt" not in text, text[-2000:]
+    assert text.rstrip().endswith("stopped"), text[-2000:]
