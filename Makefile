@@ -7,6 +7,13 @@ STAMP := $(VENV)/.installed
 # started): the alert rules' checks and a real Prometheus scraping a worker in the tests.
 TOOLS := .tools
 PROMTOOL := $(TOOLS)/usr/bin/promtool
+# docker-compose (Debian's, with the Python packages it needs, run by /usr/bin/python3):
+# `docker-compose config` validates deploy/compose.yaml without a Docker engine.
+COMPOSE := $(TOOLS)/usr/bin/docker-compose
+COMPOSE_DEBS := docker-compose python3-docker python3-dockerpty python3-docopt python3-dotenv \
+	python3-texttable python3-websocket python3-jsonschema python3-distro python3-requests \
+	python3-yaml python3-attr python3-pyrsistent python3-urllib3 python3-certifi python3-chardet \
+	python3-idna python3-packaging python3-six python3-charset-normalizer
 
 .PHONY: run test loadtest determinism determinism-stream chaos fuzz bench lint typecheck check demo-data clean
 
@@ -25,7 +32,13 @@ $(PROMTOOL):
 		{ echo "cannot download Debian's prometheus package: tests needing promtool will skip"; exit 0; }
 	@for deb in $(TOOLS)/deb/prometheus_*.deb; do test -f "$$deb" && dpkg-deb -x "$$deb" $(TOOLS); done; true
 
-test: $(STAMP) $(PROMTOOL)
+$(COMPOSE):
+	@mkdir -p $(TOOLS)/deb-compose
+	cd $(TOOLS)/deb-compose && apt-get download -q $(COMPOSE_DEBS) 2>/dev/null || \
+		{ echo "cannot download Debian's docker-compose: the compose check will skip"; exit 0; }
+	@for deb in $(TOOLS)/deb-compose/*.deb; do test -f "$$deb" && dpkg-deb -x "$$deb" $(TOOLS); done; true
+
+test: $(STAMP) $(PROMTOOL) $(COMPOSE)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

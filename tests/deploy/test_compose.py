@@ -6,6 +6,7 @@ context: deploy/Dockerfile and .dockerignore."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -328,3 +329,43 @@ def test_the_build_context_keeps_what_the_image_copies_and_nothing_else() -> Non
         ".env",
     ):
         assert _ignored(unwanted), f"{unwanted} reaches the build context"
+
+
+def _compose_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config -q` (Debian's docker-compose, unpacked into .tools by `make
+    test`): the file as Compose itself reads it, no Docker engine needed. In CI a missing tool
+    is a failure, not a skip."""
+    tools = Path(ROOT) / ".tools"
+    binary = tools / "usr" / "bin" / "docker-compose"
+    if not binary.is_file():
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: `make test` fetches it (apt-get download)")
+        pytest.skip("docker-compose not unpacked (`make test` fetches Debian's package)")
+    return subprocess.run(
+        ["/usr/bin/python3", str(binary), "-f", str(path), "config", "-q"],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(tools / "usr" / "lib" / "python3" / "dist-packages"),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+PASSWORDS = {f"KAFKA_PASSWORD_{who}": "x" for who in ("GATEWAY", "WORKER", "INSPECTOR", "OPERATOR")}
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    done = _compose_config(DEPLOY / "compose.yaml", **PASSWORDS)
+    assert done.returncode == 0, done.stderr
+    # the same check refuses what Compose would: no passwords, an option it does not know
+    assert _compose_config(DEPLOY / "compose.yaml").returncode != 0
+    broken = _compose()
+    broken["services"]["worker"]["restart_policy"] = "always"
+    (tmp_path / "deploy").mkdir()
+    copy = tmp_path / "deploy" / "compose.yaml"
+    copy.write_text(yaml.safe_dump(broken))
+    refused = _compose_config(copy, **PASSWORDS)
+    assert refused.returncode != 0 and "restart_policy" in refused.stderr, refused.stderr
