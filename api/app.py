@@ -16,19 +16,23 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
+import psycopg
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from api import cases as cases_api
 from api import metrics
 from api.auth import INSPECTOR, INSTITUTION, Grant, RateLimiter, TokenStore
 from api.config import ApiSettings
@@ -44,6 +48,8 @@ from api.schemas import (
     events_body,
     settlement_body,
 )
+from cases.schema import migrate
+from cases.store import CaseStore
 from detectors.codes import classify
 from streams import gc_tuning
 from streams.redis_state import connect, is_cluster
@@ -129,9 +135,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             reader=StateReader(client, base),
         )
         refresher = asyncio.create_task(_refresh_catalog(catalog))
+        case_pool = await _open_case_store(app)
         try:
             yield
         finally:
+            if case_pool is not None:
+                await case_pool.close()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
@@ -381,7 +390,40 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    async def history(code: str) -> dict[str, Any] | None:
+        reader = services_of_app(app).reader
+        states = await reader.code_states([code])
+        return code_history(code, states.get(code), None)
+
+    cases_api.register(app, grant_of, _json, ApiError, _unavailable, _ERRORS, history)
     return app
+
+
+def services_of_app(app: FastAPI) -> Services:
+    svc: Services = app.state.services
+    return svc
+
+
+async def _open_case_store(app: FastAPI) -> AsyncConnectionPool | None:
+    """The case store when `DATABASE_URL` is set: its schema migrated (when the database
+    answers now; else the sink does it) and a pool the case routes share."""
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if not url:
+        app.state.cases = None
+        return None
+
+    def migrated() -> None:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            migrate(conn)
+
+    try:
+        await asyncio.to_thread(migrated)
+    except psycopg.OperationalError as exc:
+        log.warning("case store not reachable at start (%s): the case routes answer 503", exc)
+    pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False, timeout=5)
+    await pool.open(wait=False)
+    app.state.cases = CaseStore(pool)
+    return pool
 
 
 _STATUSES = ("accepted", "duplicate", "rejected", "unavailable")

@@ -21,6 +21,7 @@ from typing import IO, Any
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from cli.cases import DATABASE, add_cases_parser, cmd_cases, cmd_sink
 from detectors.catalog import ReferenceDataError, iter_jsonl, load_catalog
 from streams.kafka_config import BrokerUnreachable, reachable
 from streams.settings import Settings
@@ -525,6 +526,8 @@ SHORT = {
     "tokens": "API tokens: add INSTITUTION | add --inspector --region R NAME | revoke ID | list",
     "institutions": "replace the institution registry (region, kind) in Redis",
     "demo": "embedded broker + Redis + worker + API + demo stream (make run)",
+    "sink": "the alerts topic into the case store (PostgreSQL), exactly once per message",
+    "cases": "the inspectors' cases: list | show ID | move ID STATUS | assign | move-all",
 }
 
 # name -> (what it does, the environment it reads, an example)
@@ -614,6 +617,22 @@ HELP: dict[str, tuple[str, list[str], str]] = {
         "tokens read the institutions of their region.",
         [_REDIS],
         "tracewatch institutions examples/institutions.jsonl",
+    ),
+    "sink": (
+        "Consume the alerts topic into the case store: a case per alert_id, a withdrawal "
+        "closes its case (withdrawn), an alert raised again reopens it. Offsets are stored with "
+        "the data, so a crash or redelivery records nothing twice. Migrates the schema first.",
+        [_KAFKA, _TOPICS, DATABASE, _REDIS + " (institution regions, for inspectors' scopes)"],
+        "DATABASE_URL=postgresql://tw@db/tracewatch tracewatch sink",
+    ),
+    "cases": (
+        "Work the case list: new -> seen -> investigating -> escalated -> closed, a reason "
+        "for every move except to investigating, closure reasons from a fixed list; the "
+        "database enforces the workflow and keeps an audit entry per change. Exit 1 when a "
+        "move is refused (not allowed, no such case, changed meanwhile).",
+        [DATABASE, "USER (the actor, unless --actor)"],
+        "tracewatch cases move-all closed --rule INVALID_CODE --institution P1 "
+        "--closure scanner_fault --reason 'counter 2 scanner faulty'",
     ),
     "demo": (
         "What `make run` runs: broker and Redis (embedded unless set), a worker, the API, a "
@@ -743,6 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "institutions")
     p.add_argument("file")
     p.set_defaults(func=cmd_institutions)
+
+    p = _command(sub, "sink")
+    p.set_defaults(func=cmd_sink)
+
+    p = _command(sub, "cases")
+    add_cases_parser(p)
+    p.set_defaults(func=cmd_cases)
 
     p = _command(sub, "demo")
     p.add_argument("--events", type=int, default=3000)

@@ -10,6 +10,7 @@ embedded broker (librdkafka's built-in cluster). Redis - `REDIS_URL` if set; els
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import socket
@@ -174,7 +175,8 @@ class RedisClusterServers:
         except BaseException:
             self.stop()
             raise
-        self.url = f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        seeds = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)  # any may be killed
+        self.url = f"redis+cluster://{seeds}/0"
         return self
 
     def _cli(self, node: RedisServer, *args: str) -> str:
@@ -213,6 +215,121 @@ class RedisClusterServers:
         for node in self.nodes:
             node.stop()
         self.nodes = []
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL on a free loopback port, from the server binaries (`initdb`,
+    `postgres`; Debian: apt-get install postgresql), in a temporary directory, trusting local
+    connections. As root it runs as the `postgres` user (the server refuses root)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
+        self.url = ""
+
+    @staticmethod
+    def _binary(name: str) -> str:
+        found = shutil.which(name) or next(
+            iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+        )
+        if found is None:
+            raise RuntimeError(
+                "no PostgreSQL: set DATABASE_URL, or install the server (Debian: apt-get "
+                "install postgresql), or run a Docker engine"
+            )
+        return found
+
+    def start(self) -> PostgresServer:
+        initdb, postgres = self._binary("initdb"), self._binary("postgres")
+        self._dir = tempfile.mkdtemp(prefix="tracewatch-pg-")
+        drop: Any = None
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres") if _has_user("postgres") else pwd.getpwnam("nobody")
+            os.chown(self._dir, user.pw_uid, user.pw_gid)
+
+            def drop() -> None:
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+
+        data = os.path.join(self._dir, "data")
+        subprocess.run(
+            [initdb, "-D", data, "-U", "tracewatch", "-A", "trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            preexec_fn=drop,
+            timeout=120,
+        )
+        port = free_port()
+        self._proc = subprocess.Popen(
+            [
+                postgres,
+                "-D",
+                data,
+                "-p",
+                str(port),
+                "-k",
+                self._dir,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=drop,
+        )
+        url = f"postgresql://tracewatch@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 30
+        import psycopg
+
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                self.url = url
+                return self
+            except psycopg.OperationalError:
+                if self._proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("postgres did not start within 30 s")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()  # smart shutdown: waits for the clients
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def fresh_database(url: str, name: str) -> str:
+    """A new, empty database `name` on the server of `url`; its URL."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # a test's own name, never user input
+    return make_conninfo("", **{**conninfo_to_dict(url), "dbname": name})
 
 
 @dataclass(frozen=True, slots=True)

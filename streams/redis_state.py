@@ -43,7 +43,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 import redis.cluster
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from detectors.event_time import NEVER
@@ -403,17 +403,32 @@ class _HiredisPackingConnection(aioredis.Connection):
         return [hiredis.pack_command(args)]
 
 
-# `REDIS_URL` naming a Redis Cluster: any one node as a seed, the client finds the rest.
+# `REDIS_URL` naming a Redis Cluster: a seed node or several (comma-separated; the client
+# starts if one answers), the client finds the rest.
 _CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
 
 
 def cluster_seed(url: str) -> str | None:
     """The plain URL of a seed node when `url` names a Redis Cluster (`redis+cluster://` or
-    `rediss+cluster://`), else None."""
+    `rediss+cluster://`), else None. Several seeds, comma-separated (`h1:6379,h2:6379`):
+    the first here, the others from `cluster_seeds`."""
     for scheme, plain in _CLUSTER_SCHEMES.items():
         if url.startswith(scheme):
-            return plain + url[len(scheme) :]
+            rest = url[len(scheme) :]
+            netloc, sep, tail = rest.partition("/")
+            user, at, hosts = netloc.rpartition("@")
+            return plain + user + at + hosts.split(",")[0] + sep + tail
     return None
+
+
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """The further seed nodes a cluster URL lists: a client starts if any one answers."""
+    netloc = url.split("://", 1)[-1].partition("/")[0].rpartition("@")[2]
+    seeds = []
+    for host in netloc.split(",")[1:]:
+        name, _, port = host.rpartition(":")
+        seeds.append((name, int(port)) if name else (host, 6379))
+    return seeds
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -424,7 +439,8 @@ def connect(url: str) -> aioredis.Redis:
     the multi-slot reads go through `queue_read_fields`, which splits them by slot."""
     seed = cluster_seed(url)
     if seed is not None:
-        return cast(aioredis.Redis, RedisCluster.from_url(seed))
+        more = [ClusterNode(h, p) for h, p in cluster_seeds(url)]
+        return cast(aioredis.Redis, RedisCluster.from_url(seed, startup_nodes=more or None))
     if url.startswith("redis://"):
         return aioredis.Redis.from_url(url, connection_class=_HiredisPackingConnection)
     return aioredis.Redis.from_url(url)
@@ -434,7 +450,9 @@ def connect_sync(url: str) -> redis.Redis:
     """The synchronous client, for start-up checks that run before an event loop does."""
     seed = cluster_seed(url)
     if seed is not None:
-        return cast(redis.Redis, redis.cluster.RedisCluster.from_url(seed))
+        more = [redis.cluster.ClusterNode(h, p) for h, p in cluster_seeds(url)]  # type: ignore[no-untyped-call]
+        client = redis.cluster.RedisCluster.from_url(seed, startup_nodes=more or None)
+        return cast(redis.Redis, client)
     return redis.Redis.from_url(url)
 
 

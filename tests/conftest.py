@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from harness.services import Services, free_port, services
+from cases.schema import migrate
+from harness.services import PostgresServer, Services, free_port, fresh_database, services
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG_LINES = [
@@ -103,3 +105,28 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL: `DATABASE_URL` if set, else a private server started from the
+    PostgreSQL binaries (`harness.services.PostgresServer`)."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = PostgresServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database(postgres_url: str) -> str:
+    """A database of the test's own, created and migrated here: no test touches one it did
+    not create."""
+    url = fresh_database(postgres_url, f"twtest_{uuid.uuid4().hex[:12]}")
+    with psycopg.connect(url) as conn:
+        migrate(conn)
+    return url

@@ -72,8 +72,9 @@ def api(svc: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api
 
 
 @contextlib.contextmanager
-def api_on(svc: Services, folder: Path) -> Iterator[Api]:
-    """An API process with its tokens on `svc`'s broker and Redis (a cluster's too)."""
+def api_on(svc: Services, folder: Path, **extra: str) -> Iterator[Api]:
+    """An API process with its tokens on `svc`'s broker and Redis (a cluster's too); `extra`:
+    more of its environment (DATABASE_URL)."""
     prefix = f"twapi{uuid.uuid4().hex[:8]}"
     svc.create_topics(prefix)
     catalog = folder / "catalog.jsonl"
@@ -88,6 +89,7 @@ def api_on(svc: Services, folder: Path) -> Iterator[Api]:
         TRACEWATCH_API_PORT=str(port),
         TRACEWATCH_API_TOKEN_CACHE_SECONDS="0",
         TRACEWATCH_API_DELIVERY_TIMEOUT_MS="3000",
+        **extra,
     )
     cli(env, "catalog", str(catalog))
     cli(env, "institutions", str(institutions))

@@ -261,7 +261,7 @@ def test_the_image_holds_every_package_pyproject_installs() -> None:
         "packages"
     ]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    for package in packages:
+    for package in {p.split(".")[0] for p in packages}:  # a subpackage comes with its parent
         assert f"COPY {package} {package}" in dockerfile, f"the image lacks {package}/"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from streams.kafka_config import client_config, faust_credentials, security
+from streams.log_rate import LIBRDKAFKA
 from streams.output import producer_config
 
 
@@ -15,6 +16,7 @@ def test_plaintext_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert security() == {}
     assert client_config("b:9092", **{"group.id": "g"}) == {
         "bootstrap.servers": "b:9092",
+        "logger": LIBRDKAFKA,  # librdkafka's log through Python's, rate-limited
         "group.id": "g",
     }
     assert faust_credentials() is None

@@ -28,6 +28,8 @@ from streams.rebuild import prefix_is_empty
 from streams.redis_state import (
     READ_FIELDS,
     StageStore,
+    cluster_seed,
+    cluster_seeds,
     connect,
     connect_sync,
     is_cluster,
@@ -69,7 +71,7 @@ def test_stores_catalog_and_cross_slot_reads_on_a_cluster(
         client = connect(cluster.url)
         try:
             assert is_cluster(client)
-            assert not is_cluster(connect(cluster.url.replace("redis+cluster:", "redis:")))
+            assert not is_cluster(connect(f"redis://127.0.0.1:{cluster.nodes[0].port}/0"))
             store = StageStore(
                 client, redis_prefix, "L", buckets=8, applied_days=2, codec=JsonCodec()
             )
@@ -179,3 +181,10 @@ def test_the_api_check_reads_across_slots_and_agrees_with_the_stream(
         test_check_agrees.test_checked_then_submitted_the_check_and_the_stream_agree(
             on_cluster, api
         )
+
+
+def test_a_cluster_url_may_list_several_seeds() -> None:
+    url = "rediss+cluster://user:pw@a:7000,b:7001,c/0"
+    assert cluster_seed(url) == "rediss://user:pw@a:7000/0"
+    assert cluster_seeds(url) == [("b", 7001), ("c", 6379)]
+    assert cluster_seed("redis://a:6379/0") is None

@@ -1,0 +1,86 @@
+"""The case routes over real HTTP: a `tracewatch api` process with DATABASE_URL on a real
+PostgreSQL, cases recorded as the sink records them; inspectors within their region only."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from harness.services import Services, fresh_database
+from tests.api.conftest import Api, api_on
+from tests.cases.conftest import alert, record
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api_with_cases(
+    svc: Services, tmp_path_factory: pytest.TempPathFactory, postgres_url: str
+) -> Iterator[tuple[Api, str]]:
+    url = fresh_database(postgres_url, f"twapi_{uuid.uuid4().hex[:10]}")
+    with api_on(svc, tmp_path_factory.mktemp("cases"), DATABASE_URL=url) as api:
+        yield api, url  # the API migrated the database at start
+
+
+def test_inspectors_list_read_and_move_cases_of_their_region(
+    api_with_cases: tuple[Api, str],
+) -> None:
+    api, url = api_with_cases
+    record(url, *(alert(n, rule="INVALID_CODE") for n in range(1, 4)), region="330102")
+    record(url, alert(4, code="81000010000000000091"), region="330102")
+    record(url, alert(9, institution="H9"), region="110101")
+    with api.client("zhejiang") as zj, api.client("beijing") as bj, api.client("P1") as p1:
+        page = zj.get("/v1/cases", params={"limit": 2})
+        assert page.status_code == 200, page.text
+        first = page.json()
+        assert len(first["cases"]) == 2 and first["next"]
+        rest = zj.get("/v1/cases", params={"limit": 2, "after": first["next"]}).json()
+        ids = {c["alert_id"] for c in first["cases"] + rest["cases"]}
+        assert ids == {f"{n:024x}" for n in range(1, 5)} and rest["next"] is None
+        assert {c["alert_id"] for c in bj.get("/v1/cases").json()["cases"]} == {f"{9:024x}"}
+        assert p1.get("/v1/cases").status_code == 403  # cases are inspectors'
+        assert zj.get("/v1/cases", params={"region": "110000"}).status_code == 403
+        assert bj.get(f"/v1/cases/{4:024x}").status_code == 404  # not in its scope
+
+        case = zj.get(f"/v1/cases/{4:024x}").json()
+        assert case["status"] == "new" and case["audit"][0]["action"] == "opened"
+        assert case["code_history"]["code"] == "81000010000000000091"
+        move = {"to": "investigating", "version": case["version"]}
+        moved = zj.post(f"/v1/cases/{4:024x}/transitions", json=move)
+        assert moved.status_code == 200 and moved.json()["status"] == "investigating"
+        stale = zj.post(f"/v1/cases/{4:024x}/transitions", json={**move, "to": "escalated"})
+        assert stale.status_code == 409, stale.text  # someone moved it since that version
+        refused = zj.post(f"/v1/cases/{4:024x}/transitions", json={"to": "escalated"})
+        assert refused.status_code == 422 and "reason" in refused.json()["detail"]
+
+        bulk = zj.post(
+            "/v1/cases/transitions",
+            json={
+                "where": {"rule": "INVALID_CODE", "institution": "P1"},
+                "to": "closed",
+                "closure_reason": "scanner_fault",
+                "reason": "counter 2 scanner faulty",
+            },
+        )
+        assert bulk.status_code == 200 and bulk.json()["moved"] == 3, bulk.text
+        assigned = zj.put(f"/v1/cases/{4:024x}/assignee", json={"assignee": "li"})
+        assert assigned.json()["assignee"] == "li"
+        trail = zj.get(f"/v1/cases/{1:024x}").json()["audit"]
+        assert [e["action"] for e in trail] == ["opened", "transition"]
+        assert (
+            trail[-1]["actor"].endswith(")") and trail[-1]["reason"] == "counter 2 scanner faulty"
+        )
+
+
+def test_without_a_case_store_the_routes_say_so(api: Api) -> None:
+    with api.client("zhejiang") as zj:
+        answer = zj.get("/v1/cases")
+    assert answer.status_code == 503 and "DATABASE_URL" in answer.json()["detail"]
+
+
+def test_the_openapi_document_lists_the_case_routes(api: Api) -> None:
+    with api.client() as anyone:
+        paths = anyone.get("/openapi.json").json()["paths"]
+    assert {"/v1/cases", "/v1/cases/{alert_id}", "/v1/cases/transitions"} <= set(paths)
