@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,54 @@ def _spawn(
     return child
 
 
+def _cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", *args], env=env, check=True, capture_output=True, text=True
+    )
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def _case_database() -> Iterator[str | None]:
+    """`DATABASE_URL`, else a private PostgreSQL when its binaries are installed, else None
+    (the demo runs without the case list)."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    from harness.services import PostgresServer
+
+    try:
+        server = PostgresServer().start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError):
+        yield None
+        return
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _case_count(url: str) -> int:
+    """Cases the sink has recorded, once it has caught up with the alerts shown."""
+    import psycopg
+
+    last, steady = -1, 0
+    for _ in range(40):
+        try:
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT count(*) FROM cases").fetchone()
+            count = int(row[0]) if row else 0
+        except psycopg.Error:
+            count = 0
+        steady = steady + 1 if count == last and count > 0 else 0
+        if steady >= 3:
+            return count
+        last = count
+        time.sleep(0.25)
+    return max(last, 0)
+
+
 def _take_the_terminal() -> Callable[[], None]:
     """Make the demo (and what it starts) the terminal's foreground process group, and return
     how to give the terminal back. Ctrl-C then interrupts the demo, which stops everything and
@@ -166,9 +214,10 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
 
     exit_when_done = exit_when_done or os.environ.get("TRACEWATCH_DEMO_EXIT") == "1"
     data = write_dataset(workdir, events, seed, rates=Rates().scaled(3))
-    with services() as svc:
+    with services() as svc, _case_database() as database_url:
         print(f"broker: {svc.kafka_bootstrap}{' (embedded)' if svc.kafka_embedded else ''}")
         print(f"redis:  {svc.redis_url}")
+        print(f"cases:  {database_url or 'no PostgreSQL here: the case list is not started'}")
         web_port = int(os.environ.get("TRACEWATCH_WEB_PORT") or free_port())
         env = {
             **os.environ,
@@ -180,6 +229,8 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
         if not svc.redis_owned:
             # A Redis we did not start may hold other data: keep ours apart.
             env["TRACEWATCH_REDIS_PREFIX"] = f"twdemo{time.time_ns()}"
+        if database_url:
+            env["DATABASE_URL"] = database_url
         api_port = free_port()
         env["TRACEWATCH_API_PORT"] = str(api_port)
         api_url = f"http://127.0.0.1:{api_port}"
@@ -194,14 +245,14 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
             api = _spawn([sys.executable, "-m", "cli", "api"], env, children)
             wait_for_http(f"{api_url}/readyz", api, "API")
             print(f"API up at {api_url} (OpenAPI at {api_url}/docs)")
+            inspector = None
+            if database_url:
+                # regions for inspectors' scopes, the sink filling the case list
+                _cli(env, "institutions", data["institutions"])
+                _spawn([sys.executable, "-m", "cli", "sink"], env, children)
+                inspector = _cli(env, "tokens", "add", "--inspector", "--region", "330000", "demo")
             chosen, through_api, rest = split_by_institution(data["events"], workdir)
-            token = subprocess.run(
-                [sys.executable, "-m", "cli", "tokens", "add", chosen],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
+            token = _cli(env, "tokens", "add", chosen)
             results = submit(api_url, token, through_api)
             print(
                 f"through the HTTP API: {len(through_api)} events of {chosen} "
@@ -237,6 +288,16 @@ def _run_demo(workdir: str, events: int, seed: int, exit_when_done: bool) -> int
             token_file.touch(mode=0o600)
             token_file.write_text(token + "\n")
             print(f"  API: {api_url}/docs (a token for {chosen} is in {token_file})")
+            if inspector is not None and database_url:
+                cases_file = Path(workdir, "inspector-token")
+                cases_file.touch(mode=0o600)
+                cases_file.write_text(inspector + "\n")
+                print(
+                    f"  cases: {_case_count(database_url)} in the case store - "
+                    f'curl -H "Authorization: Bearer $(cat {cases_file})" {api_url}/v1/cases '
+                    f"(an inspector token for region 330000), or DATABASE_URL={database_url} "
+                    "tracewatch cases list"
+                )
             if not exit_when_done:
                 # sigwait only sees signals that are blocked: unblocked, Ctrl-C went to Python's
                 # handler, which cannot run while sigwait waits, and the demo never stopped.

@@ -47,6 +47,10 @@ def test_demo_shows_alerts_and_stops(svc: Services, redis_prefix: str) -> None:
     assert int(api_line.split("(")[1].split(" accepted")[0].split()[-1]) > 0, api_line
     total = int(out.split("alerts total:")[1].split()[0])
     assert total > 0
+    if "no PostgreSQL here" not in out:  # the sink filled the case list the API serves
+        cases = int(out.split("  cases: ")[1].split()[0])
+        assert 0 < cases <= total, out[-1500:]
+        assert "/v1/cases" in out
     assert out.rstrip().endswith("stopped")
 
 
