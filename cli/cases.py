@@ -51,6 +51,11 @@ def cmd_sink(args: argparse.Namespace) -> int:
             return {}
         return {i: json.loads(v)["region"] for i, v in zip(institutions, values, strict=True) if v}
 
+    port = os.environ.get("TRACEWATCH_SINK_METRICS_PORT", "").strip()
+    if port:  # Prometheus: tracewatch_sink_messages_total{result}
+        from prometheus_client import start_http_server
+
+        start_http_server(int(port), os.environ.get("TRACEWATCH_WEB_HOST", "127.0.0.1"))
     print("case sink running: alerts topic -> case store (Ctrl-C stops)", file=sys.stderr)
     run_sink(bootstrap, url, regions, settings.batch_size, settings.session_timeout)
     return 0

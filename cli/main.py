@@ -622,7 +622,13 @@ HELP: dict[str, tuple[str, list[str], str]] = {
         "Consume the alerts topic into the case store: a case per alert_id, a withdrawal "
         "closes its case (withdrawn), an alert raised again reopens it. Offsets are stored with "
         "the data, so a crash or redelivery records nothing twice. Migrates the schema first.",
-        [_KAFKA, _TOPICS, DATABASE, _REDIS + " (institution regions, for inspectors' scopes)"],
+        [
+            _KAFKA,
+            _TOPICS,
+            DATABASE,
+            _REDIS + " (institution regions, for inspectors' scopes)",
+            "TRACEWATCH_SINK_METRICS_PORT (Prometheus metrics; unset: none)",
+        ],
         "DATABASE_URL=postgresql://tw@db/tracewatch tracewatch sink",
     ),
     "cases": (

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import orjson
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from harness.services import Services
+from harness.services import Services, free_port
 from tests.cases.conftest import alert
 from tests.conftest import ROOT
 
@@ -95,8 +96,11 @@ def test_every_message_once_across_a_crash_and_lost_kafka_offsets(
         # a new group: Kafka knows no offsets of it, the store's own decide where to start
         env["TRACEWATCH_APP_ID"] = f"{prefix}-b"
         _produce(svc.kafka_bootstrap, topic, [*withdrawn, *raised, *junk])
-        sink = _sink(env)
+        port = free_port()
+        sink = _sink({**env, "TRACEWATCH_SINK_METRICS_PORT": str(port)})
         _wait_stored(database, len(first) + len(withdrawn) + len(raised) + len(junk), sink)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
     finally:
         if slow:
             svc.broker.fault("RTT", 0)
@@ -124,3 +128,4 @@ def test_every_message_once_across_a_crash_and_lost_kafka_offsets(
     assert all(moves[f"{n:024x}"] == 2 for n in range(1, 11))  # closed once, reopened once
     assert all(moves[f"{n:024x}"] == 1 for n in range(11, 41))
     assert len(rejected) == 2 and "not a JSON object" in rejected
+    assert 'tracewatch_sink_messages_total{result="rejected"} 2.0' in metrics
