@@ -30,6 +30,11 @@ _LINE: dict[str, Any] = {
             "description": "scanned trace codes exactly as scanned",
         },
         "batch": {"type": "string"},
+        "price": {
+            "type": "number",
+            "minimum": 0,
+            "description": "yuan per `unit` (价格监测: PRICE_ABOVE_CAP above the product's cap)",
+        },
     },
 }
 EVENT_SCHEMA: dict[str, Any] = {

@@ -27,6 +27,7 @@ SEVERITY: dict[str, str] = {
     "NO_PROVENANCE": "high",
     "OVERSOLD": "high",
     "STOCK_COUNT_MISMATCH": "medium",
+    "PRICE_ABOVE_CAP": "medium",
 }
 RULES = tuple(SEVERITY)
 

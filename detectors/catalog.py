@@ -6,6 +6,7 @@ changes, so a batch never sees half an update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ class Product:
     gtins: tuple[str, ...]
     pack_size: int
     code_required: bool
+    # the highest price per pack the insurance allows (价格监测), None: no cap; PRICE_ABOVE_CAP
+    price_cap: float | None = None
 
     def units(self, quantity: float, unit: str) -> int:
         """Quantity in thousandths of the smallest dispensing unit, the ledger's currency:
@@ -62,6 +65,14 @@ def product_from_dict(obj: Any, where: str) -> Product:
     code_required = obj.get("code_required", True)
     if not isinstance(code_required, bool):
         raise ReferenceDataError(f"{where}: code_required must be true or false")
+    price_cap = obj.get("price_cap")
+    if price_cap is not None and (
+        isinstance(price_cap, bool)
+        or not isinstance(price_cap, (int, float))
+        or not math.isfinite(price_cap)
+        or price_cap <= 0
+    ):
+        raise ReferenceDataError(f"{where}: price_cap must be a positive number (yuan per pack)")
     return Product(
         product=product,
         name=str(obj.get("name") or ""),
@@ -70,6 +81,7 @@ def product_from_dict(obj: Any, where: str) -> Product:
         gtins=tuple(g.zfill(14) for g in gtins),
         pack_size=pack_size,
         code_required=code_required,
+        price_cap=None if price_cap is None else float(price_cap),
     )
 
 

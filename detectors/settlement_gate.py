@@ -2,7 +2,8 @@
 
 The gate's rules split by what they need:
 - stateless, decided at ingest from the scans and the catalog: INVALID_CODE, WRONG_BARCODE,
-  UNKNOWN_CODE, PRODUCT_MISMATCH, CODE_COUNT_MISMATCH (`check_settlement`);
+  UNKNOWN_CODE, PRODUCT_MISMATCH, CODE_COUNT_MISMATCH, and from the line's price and the
+  product's cap PRICE_ABOVE_CAP (`check_settlement`; it does not reject);
 - per (institution, product) state - registered uncoded stock (无码库) - decided by the ledger:
   NO_CODE (`detectors.ledger`);
 - per code state, decided by the code lifecycle: DUPLICATE_SALE, CROSS_INSTITUTION_SALE,
@@ -114,7 +115,40 @@ def check_settlement(event: Event, catalog: Catalog) -> tuple[list[CheckedLine],
                     settlement_id=event.settlement_id,
                 )
             )
+        price_alert = _price_above_cap(event, cl)
+        if price_alert is not None:
+            cl.rules.add("PRICE_ABOVE_CAP")
+            alerts.append(price_alert)
     return checked, alerts
+
+
+def _price_above_cap(event: Event, cl: CheckedLine) -> Alert | None:
+    """A line priced above its product's cap (价格监测), compared per pack in fen (integers,
+    so 12.30 against a 12.3 cap is not "above" by a float's last bit). Does not reject."""
+    line, product = cl.line, cl.product
+    if line.price is None or product is None or product.price_cap is None:
+        return None
+    per_pack = line.price * (product.pack_size if line.unit == "unit" else 1)
+    over = round(per_pack * 100) - round(product.price_cap * 100)
+    if over <= 0:
+        return None
+    return make_alert(
+        "PRICE_ABOVE_CAP",
+        institution=event.institution,
+        event_ids=[event.event_id],
+        occurred_at=event.occurred_at,
+        evidence={
+            "line_no": line.line_no,
+            "price": line.price,
+            "unit": line.unit,
+            "price_per_pack": round(per_pack, 2),
+            "price_cap": product.price_cap,
+            "over_by": over / 100,
+        },
+        id_facts=(event.event_id, line.line_no),
+        product=line.product,
+        settlement_id=event.settlement_id,
+    )
 
 
 def _scan_rule(

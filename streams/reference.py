@@ -55,6 +55,7 @@ def _product_json(p: Product) -> bytes:
             "gtins": list(p.gtins),
             "pack_size": p.pack_size,
             "code_required": p.code_required,
+            "price_cap": p.price_cap,
         }
     )
 

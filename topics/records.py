@@ -104,6 +104,7 @@ class Line:
     split: bool
     codes: tuple[str, ...]
     batch: str | None = None
+    price: float | None = None  # yuan per `unit`, optional (价格监测: PRICE_ABOVE_CAP)
 
 
 @dataclass(slots=True, frozen=True)
@@ -276,7 +277,18 @@ def _line(obj: Any, index: int) -> Line:
         # optional, but never dropped silently: a batch that cannot be right dead-letters the
         # event like any other bad field (numbers are taken as their text, as ids are)
         batch=_str(obj, "batch", where, required=False),
+        price=_price(obj, where),
     )
+
+
+def _price(obj: dict[str, Any], where: str) -> float | None:
+    """Optional; when given, a finite number >= 0 (a bad one dead-letters the event)."""
+    if obj.get("price") is None:
+        return None
+    price = _number(obj, "price", where)
+    if price < 0:
+        raise InvalidEvent("bad_field", f"{where}price must not be negative, got {price:g}")
+    return price
 
 
 def parse_event(raw: bytes | str) -> Event:
