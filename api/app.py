@@ -391,17 +391,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def history(code: str) -> dict[str, Any] | None:
-        reader = services_of_app(app).reader
+        reader: StateReader = app.state.services.reader
         states = await reader.code_states([code])
         return code_history(code, states.get(code), None)
 
     cases_api.register(app, grant_of, _json, ApiError, _unavailable, _ERRORS, history)
     return app
-
-
-def services_of_app(app: FastAPI) -> Services:
-    svc: Services = app.state.services
-    return svc
 
 
 async def _open_case_store(app: FastAPI) -> AsyncConnectionPool | None:

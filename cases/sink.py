@@ -100,16 +100,13 @@ class CaseSink:
     def _stored_offsets(self, partitions: list[int]) -> dict[int, int]:
         while True:
             try:
-                rows = (
-                    self._db()
-                    .execute(
-                        "SELECT partition, next_offset FROM sink_offsets "
-                        "WHERE topic = %s AND partition = ANY(%s)",
-                        (self._topic, partitions),
-                    )
-                    .fetchall()
-                )
-                self._db().rollback()
+                conn = self._db()
+                rows = conn.execute(
+                    "SELECT partition, next_offset FROM sink_offsets "
+                    "WHERE topic = %s AND partition = ANY(%s)",
+                    (self._topic, partitions),
+                ).fetchall()
+                conn.rollback()
                 return {int(p): int(o) for p, o in rows}
             except psycopg.OperationalError as exc:
                 log.warning("case store unreachable (%s); retrying", exc)

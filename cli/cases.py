@@ -27,7 +27,6 @@ def database_url() -> str:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    import orjson as json
     from redis.exceptions import RedisError
 
     from cases.sink import run_sink
@@ -49,7 +48,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
             values = client.hmget(registry, institutions)
         except RedisError:
             return {}
-        return {i: json.loads(v)["region"] for i, v in zip(institutions, values, strict=True) if v}
+        return {
+            i: orjson.loads(v)["region"] for i, v in zip(institutions, values, strict=True) if v
+        }
 
     port = os.environ.get("TRACEWATCH_SINK_METRICS_PORT", "").strip()
     if port:  # Prometheus: tracewatch_sink_messages_total{result}

@@ -300,12 +300,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()  # smart shutdown: waits for the clients
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            stop_process(self._proc, timeout=10)  # SIGTERM: smart shutdown, waits for clients
             self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
