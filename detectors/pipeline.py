@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from detectors.activity import ActivityBatch
 from detectors.catalog import Catalog
 from detectors.code_state import CodeStage
 from detectors.event_time import (
@@ -138,8 +139,12 @@ class Pipeline:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
         track_applied: bool = False,
+        track_activity: bool = False,
     ) -> None:
         self.catalog = catalog
+        # what the accepted events add to their institutions' days (`tracewatch rebuild` writes
+        # it as ingest would have); None: not counted (replay)
+        self.activity = ActivityBatch() if track_activity else None
         # (institution, event_id) -> content digest: a resubmission with other content is a
         # conflict (the first stands), not a retry
         self.seen: dict[str, str] = {}
@@ -159,6 +164,8 @@ class Pipeline:
                 self.conflicts.append(event)
             return [], []
         self.seen[event.key] = event.digest
+        if self.activity is not None:
+            self.activity.add(event, self.catalog)
         lane = lane_of(event.institution)
         own = self.clock.observe(event.institution, lane, event.occurred_ts)
         routed = route(event, self.catalog, self.view, own)

@@ -149,7 +149,9 @@ def build_app(settings: Settings) -> faust.App:
     # error never touch another stage's batch in flight.
     ingest = IngestProcessor(
         OutputProducer(bootstrap),
-        IngestStore(redis_client, settings.redis_prefix, settings.seen_ttl_days),
+        IngestStore(
+            redis_client, settings.redis_prefix, settings.seen_ttl_days, settings.activity_days
+        ),
         catalog.current,
         refill=_refill(bootstrap, names.EVENTS.name),
         daily_quota=settings.institution_daily_quota,

@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from detectors.activity import ActivityBatch
 from detectors.catalog import Catalog
 from detectors.event_time import DEFAULT_IDLE_SECONDS, LaneClock, TimeFrame, effective_marks
 from detectors.pipeline import expected_parts, partition_of
@@ -276,7 +277,7 @@ def _tops_of(packed: Any) -> dict[int, tuple[float, float]]:
 class _IngestContext:
     """One input partition's part of an ingest batch: what Redis held, and what the batch adds."""
 
-    __slots__ = ("batch", "clock", "counted", "digests", "new", "own_moved", "view")
+    __slots__ = ("activity", "batch", "clock", "counted", "digests", "new", "own_moved", "view")
 
     def __init__(self, batch: IngestLoaded, events: list[Event]) -> None:
         self.batch = batch
@@ -290,6 +291,7 @@ class _IngestContext:
         self.new: dict[str, str] = {}
         self.own_moved: dict[str, float] = {}
         self.counted: Counter[str] = Counter()
+        self.activity = ActivityBatch()
 
 
 class IngestProcessor:
@@ -347,9 +349,7 @@ class IngestProcessor:
         for msg, refused in invalid:
             out.dead_letter(msg, names.EVENTS.name, refused.reason, refused.detail)
         catalog = self._catalog()
-        saves: list[
-            tuple[int, dict[str, str], IngestView, dict[str, float], LaneClock, int, Counter[str]]
-        ] = []
+        saves: list[tuple[int, _IngestContext, int]] = []
         all_tops: dict[int, tuple[float, float]] = {}
         accepted: Counter[str] = Counter()
         advanced = 0.0  # event time the institutions moved by in this batch
@@ -408,6 +408,7 @@ class IngestProcessor:
                 continue
             ctx.new[event.key] = event.digest
             ctx.counted[event.institution] += 1
+            ctx.activity.add(event, catalog)
             accepted[event.type] += 1
             lag.observe(max(0.0, now - event.occurred_ts))
             if own != before:
@@ -415,9 +416,7 @@ class IngestProcessor:
                 if before is not None:
                     advanced += own - before
         for p, ctx in contexts.items():
-            saves.append(
-                (p, ctx.new, ctx.view, ctx.own_moved, ctx.clock, spans[p][1] + 1, ctx.counted)
-            )
+            saves.append((p, ctx, spans[p][1] + 1))
             for lane, pair in ctx.clock.tops().items():
                 merge_tops(all_tops, lane, pair)
         for etype, count in accepted.items():
@@ -436,15 +435,16 @@ class IngestProcessor:
             *(
                 self._store.save(
                     p,
-                    new,
-                    view.added,
-                    view.new_receivers,
-                    own,
-                    clock.named_tops(),
+                    ctx.new,
+                    ctx.view.added,
+                    ctx.view.new_receivers,
+                    ctx.own_moved,
+                    ctx.clock.named_tops(),
                     position,
-                    dict(counted),
+                    dict(ctx.counted),
+                    ctx.activity,
                 )
-                for p, new, view, own, clock, position, counted in saves
+                for p, ctx, position in saves
             )
         )
         phase("save")

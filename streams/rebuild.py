@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from detectors.activity import ActivityBatch
 from detectors.catalog import Catalog
 from detectors.pipeline import CODE_PART, LEDGER_PART, MemoryStage, Pipeline, partition_of
 from detectors.stage import lane_of
@@ -98,7 +99,17 @@ async def write_state(
         (CODE_PART, pipeline.codes, names.BY_CODE),
     ):
         counts[tag] = await _write_stage(client, settings, tag, memory, topic, tops)
-    ingest = IngestStore(client, settings.redis_prefix, settings.seen_ttl_days)
+    ingest = IngestStore(
+        client, settings.redis_prefix, settings.seen_ttl_days, settings.activity_days
+    )
+    activity_by_partition: dict[int, ActivityBatch] = defaultdict(ActivityBatch)
+    if pipeline.activity is not None:
+        for (inst, day), sums in pipeline.activity.days.items():
+            p = partition_of_institution.get(inst, 0)
+            activity_by_partition[p].days[(inst, day)] = sums
+        for (inst, month, product), figures in pipeline.activity.prices.items():
+            p = partition_of_institution.get(inst, 0)
+            activity_by_partition[p].prices[(inst, month, product)] = figures
     index_by_partition: dict[int, dict[str, list[Any]]] = defaultdict(dict)
     for key, targets in pipeline.view.index.items():
         inst = key.split(KEY_SEP, 2)[1]
@@ -124,6 +135,7 @@ async def write_state(
                 receivers_by_partition.get(p, []) if first else [],
                 own_by_partition.get(p, {}) if first else {},
                 {lane: named[lane] for lane in lanes if lane in named} if first else {},
+                activity=activity_by_partition.get(p) if first else None,
             )
     counts["seen"] = sum(len(v) for v in seen_by_partition.values())
     counts["index"] = len(pipeline.view.index)
@@ -235,6 +247,7 @@ def rebuild(settings: Any, catalog: Catalog) -> dict[str, int]:
         grace_seconds=settings.grace_hours * 3600,
         idle_seconds=settings.idle_hours * 3600,
         track_applied=True,
+        track_activity=True,
     )
     partition_of_institution: dict[str, int] = {}
     seen_by_partition: dict[int, dict[str, str]] = defaultdict(dict)

@@ -18,6 +18,9 @@ Cluster slot):
     {prefix}:{E<p>}:tops           hash: lane -> the two latest [own time, institution]
     {prefix}:{E<p>}:pos            the offset after the last input message whose effects are saved
     {prefix}:{E<p>}:count:<day>    hash: institution -> events accepted that day (the quota)
+    {prefix}:{E<p>}:act:<YYYYMM>:<institution>    hash: `DD` and `m` (the month) -> the day's
+                                   counters (`detectors.activity.FIELDS`, comma-joined)
+    {prefix}:{E<p>}:price:<YYYYMM>:<institution>  hash: product -> "lines,low,high,total" fen
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
 applied + the keys due by the watermark) and `save` (new states + applied ids + watermark + due
@@ -46,7 +49,10 @@ import redis.cluster
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
+from detectors.activity import FIELDS as ACTIVITY_FIELDS
+from detectors.activity import ActivityBatch, PriceFigures
 from detectors.event_time import NEVER
+from detectors.pipeline import partition_of
 from detectors.stage import State
 
 _DAY = 86400
@@ -362,7 +368,46 @@ at = at + 2 * n + 1
 n = tonumber(ARGV[at])
 for i = 1, n do redis.call('HINCRBY', KEYS[7], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
 if n > 0 then redis.call('EXPIRE', KEYS[7], 2 * 86400) end
-at = at + 2 * n
+at = at + 2 * n + 1
+-- activity: (key, day, counts) triples; each adds to its day and to the month ('m')
+local activity_ttl = ARGV[at]
+at = at + 1
+n = tonumber(ARGV[at])
+local function add_counts(key, field, counts)
+  local old = redis.call('HGET', key, field)
+  if not old then redis.call('HSET', key, field, counts) return end
+  local sums, i = {}, 0
+  for x in string.gmatch(old, '[^,]+') do sums[#sums + 1] = tonumber(x) end
+  for x in string.gmatch(counts, '[^,]+') do
+    i = i + 1
+    sums[i] = string.format('%d', (sums[i] or 0) + tonumber(x))
+  end
+  for j = i + 1, #sums do sums[j] = string.format('%d', sums[j]) end
+  redis.call('HSET', key, field, table.concat(sums, ','))
+end
+for i = 1, n do
+  local key = ARGV[at + 3 * i - 2]
+  add_counts(key, ARGV[at + 3 * i - 1], ARGV[at + 3 * i])
+  add_counts(key, 'm', ARGV[at + 3 * i])
+  redis.call('EXPIRE', key, activity_ttl)
+end
+at = at + 3 * n + 1
+-- prices: (key, product, "lines,low,high,total") triples, merged
+n = tonumber(ARGV[at])
+for i = 1, n do
+  local key, product = ARGV[at + 3 * i - 2], ARGV[at + 3 * i - 1]
+  local new = {}
+  for x in string.gmatch(ARGV[at + 3 * i], '[^,]+') do new[#new + 1] = tonumber(x) end
+  local old = redis.call('HGET', key, product)
+  if old then
+    local was = {}
+    for x in string.gmatch(old, '[^,]+') do was[#was + 1] = tonumber(x) end
+    new = {was[1] + new[1], math.min(was[2], new[2]), math.max(was[3], new[3]), was[4] + new[4]}
+  end
+  redis.call('HSET', key, product, string.format('%d,%d,%d,%d', new[1], new[2], new[3], new[4]))
+  redis.call('EXPIRE', key, activity_ttl)
+end
+at = at + 3 * n
 if #ARGV > at then bulk('HSET', KEYS[5], slice(at, #ARGV - at), 2) end
 return 1
 """
@@ -500,10 +545,13 @@ class IngestStore:
     partition and so is everything ingest remembers of it.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, days: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, days: int, activity_days: int = 400
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._days = max(1, days)
+        self._activity_ttl = max(1, activity_days) * _DAY
         self._load = client.register_script(_INGEST_LOAD)
         self._save = client.register_script(_INGEST_SAVE)
 
@@ -523,6 +571,19 @@ class IngestStore:
             f"{base}:pos",
             f"{base}:count:{day_number()}",
         ]
+
+    def _activity_args(self, partition: int, activity: ActivityBatch | None) -> list[Any]:
+        base = self._base(partition)
+        args: list[Any] = [self._activity_ttl]
+        days = activity.days if activity else {}
+        args.append(len(days))
+        for (inst, day), counts in days.items():
+            args += [f"{base}:act:{day[:6]}:{inst}", day[6:], ",".join(map(str, counts))]
+        prices = activity.prices if activity else {}
+        args.append(len(prices))
+        for (inst, month, product), figures in prices.items():
+            args += [f"{base}:price:{month}:{inst}", product, figures.text()]
+        return args
 
     async def position(self, partition: int) -> int | None:
         """The offset after the last input message of `partition` whose effects are saved."""
@@ -621,10 +682,12 @@ class IngestStore:
         tops: dict[int, list[tuple[float, str]]] | None = None,
         position: int | None = None,
         accepted: dict[str, int] | None = None,
+        activity: ActivityBatch | None = None,
     ) -> None:
         """`events`: idempotency key -> content digest of the events newly seen; `tops`: per
         lane the two latest (own time, institution); `position`: the offset after the batch's
-        last message; `accepted`: events accepted per institution, added to today's counts."""
+        last message; `accepted`: events accepted per institution, added to today's counts;
+        `activity`: what the accepted events add to their institutions' days and prices."""
         keys = [
             self._day_keys(partition, "seen")[0],
             self._day_keys(partition, "ix")[0],
@@ -646,9 +709,87 @@ class IngestStore:
         args.append(len(accepted))
         for inst, count in accepted.items():
             args += [inst, count]
+        args += self._activity_args(partition, activity)
         for lane, top in (tops or {}).items():
             args += [lane, orjson.dumps(top)]
         await self._save(keys=keys, args=args)
+
+
+class ActivityReader:
+    """Reads what ingest counted (`IngestStore.save`'s activity): per institution its days and
+    months, and the prices it charged per product and month. One pipelined round trip per call,
+    whatever the number of institutions (Redis Cluster: one per node)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, input_partitions: int) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._partitions = input_partitions
+
+    def _key(self, kind: str, month: str, institution: str) -> str:
+        p = partition_of(institution, self._partitions)
+        return f"{self._prefix}:{{E{p}}}:{kind}:{month}:{institution}"
+
+    async def days(self, institution: str, months: Sequence[str]) -> dict[str, list[int]]:
+        """`YYYYMMDD` -> counters, for every day of `months` (`YYYYMM`) with an event."""
+        pipe = self._client.pipeline(transaction=False)
+        for month in months:
+            pipe.hgetall(self._key("act", month, institution))
+        out: dict[str, list[int]] = {}
+        for month, found in zip(months, await pipe.execute(), strict=True):
+            for day, text in found.items():
+                name = day.decode() if isinstance(day, bytes) else str(day)
+                if name != "m":
+                    out[month + name] = _counters(text)
+        return out
+
+    async def months(
+        self, institutions: Sequence[str], months: Sequence[str]
+    ) -> dict[str, list[int]]:
+        """Per institution, its counters summed over `months` (absent: nothing counted)."""
+        pipe = self._client.pipeline(transaction=False)
+        for inst in institutions:
+            for month in months:
+                pipe.hget(self._key("act", month, inst), "m")
+        replies = iter(await pipe.execute())
+        out: dict[str, list[int]] = {}
+        for inst in institutions:
+            for _month in months:
+                text = next(replies)
+                if text is None:
+                    continue
+                counts = _counters(text)
+                held = out.setdefault(inst, [0] * len(ACTIVITY_FIELDS))
+                for i, n in enumerate(counts):
+                    held[i] += n
+        return out
+
+    async def prices(
+        self, institutions: Sequence[str], months: Sequence[str]
+    ) -> dict[str, dict[str, PriceFigures]]:
+        """Per institution and product, its settlement prices over `months`."""
+        pipe = self._client.pipeline(transaction=False)
+        for inst in institutions:
+            for month in months:
+                pipe.hgetall(self._key("price", month, inst))
+        replies = iter(await pipe.execute())
+        out: dict[str, dict[str, PriceFigures]] = {}
+        for inst in institutions:
+            for _month in months:
+                for product, text in next(replies).items():
+                    name = product.decode() if isinstance(product, bytes) else str(product)
+                    figures = PriceFigures.parse(text)
+                    held = out.setdefault(inst, {})
+                    if name in held:
+                        held[name].merge(figures)
+                    else:
+                        held[name] = figures
+        return out
+
+
+def _counters(text: bytes | str) -> list[int]:
+    raw = text.decode() if isinstance(text, bytes) else text
+    counts = [int(x) for x in raw.split(",")]
+    return (counts + [0] * len(ACTIVITY_FIELDS))[: len(ACTIVITY_FIELDS)]
 
 
 from streams.codecs import Codec  # noqa: E402  (re-exported for callers)

@@ -80,6 +80,17 @@ class Settings:
         default_factory=lambda: os.environ.get("TRACEWATCH_WEB_HOST", "127.0.0.1")
     )
     seen_ttl_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_SEEN_TTL_DAYS", 7))
+    # how long an institution's counted days and prices are kept (its profile and the monthly
+    # report read them): 400 days holds a year and the month before it
+    activity_days: int = field(default_factory=lambda: _env_int("TRACEWATCH_ACTIVITY_DAYS", 400))
+    # an open case (lead) older than this many days is overdue (直查快办); per region prefix,
+    # longest first: TRACEWATCH_LEAD_DEADLINES="330100=7,33=10"
+    lead_deadline_days: int = field(
+        default_factory=lambda: _env_int("TRACEWATCH_LEAD_DEADLINE_DAYS", 14)
+    )
+    lead_deadlines: str = field(
+        default_factory=lambda: os.environ.get("TRACEWATCH_LEAD_DEADLINES", "")
+    )
     institution_daily_quota: int = field(
         default_factory=lambda: _env_int("TRACEWATCH_INSTITUTION_DAILY_QUOTA", 2_000_000)
     )

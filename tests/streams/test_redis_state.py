@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -186,5 +186,57 @@ def test_positions_rise_only_and_states_expire_where_redis_can(
                 "HTTL", bucket, "FIELDS", 1, CodeCodec.field("81000010000000000001")
             )
             assert 0 < ttl[0] <= 86400
+
+    with_redis(svc, body)
+
+
+def test_activity_adds_up_per_day_and_month_and_reads_back(
+    svc: Services, redis_prefix: str
+) -> None:
+    from detectors.activity import ActivityBatch, PriceFigures
+    from detectors.pipeline import partition_of
+    from streams.redis_state import ActivityReader
+
+    def batch(days: dict[tuple[str, str], list[int]], prices: dict[Any, PriceFigures]) -> Any:
+        b = ActivityBatch()
+        b.days.update(days)
+        b.prices.update(prices)
+        return b
+
+    async def body(client: aioredis.Redis) -> None:
+        store = IngestStore(client, redis_prefix, days=7, activity_days=30)
+        p = partition_of("H1", 16)
+        await store.save(
+            p,
+            {},
+            {},
+            [],
+            activity=batch(
+                {("H1", "20261101"): [2, 1, 1, 1, 3, 2, 4], ("H1", "20261102"): [1] * 7},
+                {("H1", "202611", "XA001"): PriceFigures(2, 1000, 1200, 2200)},
+            ),
+        )
+        await store.save(
+            p,
+            {},
+            {},
+            [],
+            activity=batch(
+                {("H1", "20261101"): [1, 0, 0, 0, 0, 0, 5], ("H1", "20261201"): [1] * 7},
+                {("H1", "202611", "XA001"): PriceFigures(1, 900, 900, 900)},
+            ),
+        )
+        reader = ActivityReader(client, redis_prefix, 16)
+        assert await reader.days("H1", ["202611"]) == {
+            "20261101": [3, 1, 1, 1, 3, 2, 9],
+            "20261102": [1] * 7,
+        }
+        months = await reader.months(["H1", "H2"], ["202611", "202612"])
+        assert months == {"H1": [5, 3, 3, 3, 5, 4, 11]}
+        assert await reader.prices(["H1", "H2"], ["202611"]) == {
+            "H1": {"XA001": PriceFigures(3, 900, 1200, 3100)}
+        }
+        key = f"{redis_prefix}:{{E{p}}}:act:202611:H1"
+        assert 29 * 86400 < await client.ttl(key) <= 30 * 86400
 
     with_redis(svc, body)
