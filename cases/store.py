@@ -221,3 +221,138 @@ class CaseStore:
                 [alert_id, actor, assignee],
             )
         return row
+
+    async def tallies(
+        self,
+        since: datetime.datetime,
+        until: datetime.datetime,
+        deadlines: Deadlines,
+        region_scope_: str | None = None,
+        institutions: list[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Per (institution, rule), what the profile and the report count of the cases: alerts
+        that occurred in [since, until) and still stand, of them confirmed, oversold units;
+        cases opened (the alert detected), closed, and opened but still open in the period;
+        open now and overdue (open longer than the deadline of the case's region since its
+        alert was detected) now; hours from detection to closure."""
+        scope_sql = "true"
+        args: list[Any] = []
+        if region_scope_ is not None:
+            scope_sql = "c.region LIKE %s"
+            args.append(region_scope_ + "%")
+        if institutions is not None:
+            scope_sql += " AND c.institution = ANY(%s)"
+            args.append(institutions)
+        prefixes, days = deadlines.arrays()
+        query = f"""
+            SELECT c.institution, c.rule,
+              count(*) FILTER (WHERE occurred AND NOT c.withdrawn) AS alerts,
+              count(*) FILTER (WHERE occurred AND c.closure_reason = 'confirmed_fraud')
+                AS confirmed,
+              coalesce(sum(GREATEST(0, LEAST(
+                  (c.alert->'evidence'->>'units_dispensed')::numeric,
+                  -(c.alert->'evidence'->>'expected_stock_after')::numeric)))
+                FILTER (WHERE occurred AND NOT c.withdrawn AND c.rule = 'OVERSOLD'), 0)
+                AS oversold_units,
+              count(*) FILTER (WHERE opened) AS opened,
+              count(*) FILTER (WHERE closed) AS closed,
+              count(*) FILTER (WHERE opened AND c.status <> 'closed') AS still_open,
+              count(*) FILTER (WHERE c.status <> 'closed') AS open_now,
+              count(*) FILTER (WHERE c.status <> 'closed'
+                               AND c.detected_at < now() - make_interval(days => d.days))
+                AS overdue,
+              count(*) FILTER (WHERE closed AND c.closure_reason <> 'withdrawn')
+                AS resolved,
+              coalesce(sum(extract(epoch FROM c.closed_at - c.detected_at) / 3600)
+                FILTER (WHERE closed AND c.closure_reason <> 'withdrawn'), 0)
+                AS hours_to_resolve
+            FROM cases c
+            CROSS JOIN LATERAL (SELECT
+                c.occurred_at >= %s AND c.occurred_at < %s AS occurred,
+                c.detected_at >= %s AND c.detected_at < %s AS opened,
+                c.closed_at >= %s AND c.closed_at < %s AS closed) w
+            CROSS JOIN LATERAL (SELECT coalesce((
+                SELECT t.d FROM unnest(%s::text[], %s::int[]) AS t(p, d)
+                WHERE coalesce(c.region, '') LIKE t.p || '%%'
+                ORDER BY length(t.p) DESC LIMIT 1), %s) AS days) d
+            WHERE {scope_sql}
+            GROUP BY c.institution, c.rule
+        """
+        period = [since, until] * 3
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query.encode(), [*period, prefixes, days, deadlines.default, *args])
+            return await cur.fetchall()
+
+    async def open_by_age(self, institution: str) -> dict[str, int]:
+        """The institution's open cases now, by days since opened."""
+        query = """
+            SELECT CASE WHEN age < interval '1 day' THEN 'under_1_day'
+                        WHEN age < interval '7 days' THEN '1_to_7_days'
+                        WHEN age < interval '30 days' THEN '7_to_30_days'
+                        ELSE 'over_30_days' END AS bucket, count(*) AS n
+            FROM (SELECT now() - detected_at AS age FROM cases
+                  WHERE institution = %s AND status <> 'closed') a
+            GROUP BY bucket
+        """
+        out = dict.fromkeys(("under_1_day", "1_to_7_days", "7_to_30_days", "over_30_days"), 0)
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query.encode(), [institution])
+            for row in await cur.fetchall():
+                out[row["bucket"]] = int(row["n"])
+        return out
+
+    async def overdue(
+        self, deadlines: Deadlines, region_scope_: str, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Open cases of the region past their deadline, oldest first."""
+        prefixes, days = deadlines.arrays()
+        query = """
+            SELECT c.alert_id, c.institution, c.region, c.rule, c.severity, c.status,
+                   c.detected_at, d.days AS deadline_days
+            FROM cases c
+            CROSS JOIN LATERAL (SELECT coalesce((
+                SELECT t.d FROM unnest(%s::text[], %s::int[]) AS t(p, d)
+                WHERE coalesce(c.region, '') LIKE t.p || '%%'
+                ORDER BY length(t.p) DESC LIMIT 1), %s) AS days) d
+            WHERE c.region LIKE %s AND c.status <> 'closed'
+              AND c.detected_at < now() - make_interval(days => d.days)
+            ORDER BY c.detected_at, c.alert_id LIMIT %s
+        """
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                query.encode(),
+                [prefixes, days, deadlines.default, region_scope_ + "%", limit],
+            )
+            return await cur.fetchall()
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a lead may stay open (直查快办), per region prefix; the longest prefix that
+    matches a case's region decides, `default` otherwise."""
+
+    default: int = 14
+    by_prefix: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def parse(cls, default: int, text: str) -> Deadlines:
+        """`330100=7,33=10`: Hangzhou 7 days, the rest of Zhejiang 10."""
+        pairs = []
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            region, sep, days = item.partition("=")
+            if not sep or not region.strip().isdigit() or not days.strip().isdigit():
+                raise ValueError(
+                    f"TRACEWATCH_LEAD_DEADLINES: {item!r} is not REGION=DAYS (e.g. 330100=7,33=10)"
+                )
+            pairs.append((region_scope(region.strip().ljust(6, "0")), int(days)))
+        return cls(default, tuple(pairs))
+
+    def arrays(self) -> tuple[list[str], list[int]]:
+        return [p for p, _ in self.by_prefix], [d for _, d in self.by_prefix]
+
+    def of(self, region: str | None) -> int:
+        best: tuple[int, int] | None = None
+        for prefix, days in self.by_prefix:
+            if (region or "").startswith(prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), days)
+        return self.default if best is None else best[1]

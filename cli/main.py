@@ -22,6 +22,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cli.cases import DATABASE, add_cases_parser, cmd_cases, cmd_sink
+from cli.supervision import add_institution_parser, add_report_parser
 from detectors.catalog import ReferenceDataError, iter_jsonl, load_catalog
 from streams.kafka_config import BrokerUnreachable, reachable
 from streams.settings import Settings
@@ -528,6 +529,8 @@ SHORT = {
     "demo": "embedded broker + Redis + worker + API + demo stream (make run)",
     "sink": "the alerts topic into the case store (PostgreSQL), exactly once per message",
     "cases": "the inspectors' cases: list | show ID | move ID STATUS | assign | move-all",
+    "institution": "an institution's profile and risk score over a period (JSON)",
+    "report": "the monthly supervision report of a region (JSON or CSV)",
 }
 
 # name -> (what it does, the environment it reads, an example)
@@ -639,6 +642,22 @@ HELP: dict[str, tuple[str, list[str], str]] = {
         [DATABASE, "USER (the actor, unless --actor)"],
         "tracewatch cases move-all closed --rule INVALID_CODE --institution P1 "
         "--closure scanner_fault --reason 'counter 2 scanner faulty'",
+    ),
+    "institution": (
+        "An institution's profile (信用画像) over a period: events, scan and code collection "
+        "rates, alerts per 10,000 scans by rule, confirmed and open cases, oversold units, "
+        "prices against the region's, and the risk score with its factors and its rank in "
+        "the region. Read from the stream's counters and the case store.",
+        [_REDIS, DATABASE, "TRACEWATCH_LEAD_DEADLINE_DAYS, TRACEWATCH_LEAD_DEADLINES"],
+        "tracewatch institution P1 --since 2026-11-01 --until 2026-11-30",
+    ),
+    "report": (
+        "The monthly supervision report of a region: institutions by kind (active, with "
+        "alerts, with confirmed problems), cases opened / closed / still open, by rule, leads "
+        "past the deadline, the institutions ranked by risk score, the price spread per "
+        "product; --by-region adds a row per region code (a province's cities).",
+        [_REDIS, DATABASE, "TRACEWATCH_LEAD_DEADLINE_DAYS, TRACEWATCH_LEAD_DEADLINES"],
+        "tracewatch report --region 330100 --month 2026-11 --csv",
     ),
     "demo": (
         "What `make run` runs: broker and Redis (embedded unless set), a worker, the API, a "
@@ -775,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "cases")
     add_cases_parser(p)
     p.set_defaults(func=cmd_cases)
+
+    add_institution_parser(_command(sub, "institution"))
+    add_report_parser(_command(sub, "report"))
 
     p = _command(sub, "demo")
     p.add_argument("--events", type=int, default=3000)

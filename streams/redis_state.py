@@ -729,17 +729,23 @@ class ActivityReader:
         p = partition_of(institution, self._partitions)
         return f"{self._prefix}:{{E{p}}}:{kind}:{month}:{institution}"
 
-    async def days(self, institution: str, months: Sequence[str]) -> dict[str, list[int]]:
-        """`YYYYMMDD` -> counters, for every day of `months` (`YYYYMM`) with an event."""
+    async def days(
+        self, institutions: Sequence[str], months: Sequence[str]
+    ) -> dict[str, dict[str, list[int]]]:
+        """Per institution, `YYYYMMDD` -> counters for every day of `months` (`YYYYMM`) with an
+        event."""
         pipe = self._client.pipeline(transaction=False)
-        for month in months:
-            pipe.hgetall(self._key("act", month, institution))
-        out: dict[str, list[int]] = {}
-        for month, found in zip(months, await pipe.execute(), strict=True):
-            for day, text in found.items():
-                name = day.decode() if isinstance(day, bytes) else str(day)
-                if name != "m":
-                    out[month + name] = _counters(text)
+        for inst in institutions:
+            for month in months:
+                pipe.hgetall(self._key("act", month, inst))
+        replies = iter(await pipe.execute())
+        out: dict[str, dict[str, list[int]]] = {}
+        for inst in institutions:
+            for month in months:
+                for day, text in next(replies).items():
+                    name = day.decode() if isinstance(day, bytes) else str(day)
+                    if name != "m":
+                        out.setdefault(inst, {})[month + name] = _counters(text)
         return out
 
     async def months(

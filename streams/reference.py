@@ -127,9 +127,27 @@ class InstitutionRegistry:
         }
         await _replace_hash(self._client, self._hash, entries)
 
+    async def get(self, institution: str) -> Institution | None:
+        raw = await self._client.hget(self._hash, institution)
+        return None if raw is None else _institution(raw)
+
+    async def within(self, scope: str) -> list[Institution]:
+        """Every registered institution whose region starts with `scope` (a region prefix)."""
+        found = []
+        async for _code, raw in self._client.hscan_iter(self._hash, count=10_000):
+            entry = _institution(raw)
+            if entry.region.startswith(scope):
+                found.append(entry)
+        return sorted(found, key=lambda i: i.institution)
+
     async def region_of(self, institution: str) -> str | None:
         raw = await self._client.hget(self._hash, institution)
         if raw is None:
             return None
         region: str = orjson.loads(raw)["region"]
         return region
+
+
+def _institution(raw: bytes | str) -> Institution:
+    obj = orjson.loads(raw)
+    return Institution(obj["institution"], obj.get("name") or "", obj["kind"], obj["region"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PRODUCTION = ("topics", "detectors", "streams", "api", "cli", "cases")
+PRODUCTION = ("topics", "detectors", "streams", "api", "cli", "cases", "supervision")
 NOT_PRODUCTION = ("harness", "loadtest", "tests")
 
 

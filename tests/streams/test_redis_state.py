@@ -227,9 +227,8 @@ def test_activity_adds_up_per_day_and_month_and_reads_back(
             ),
         )
         reader = ActivityReader(client, redis_prefix, 16)
-        assert await reader.days("H1", ["202611"]) == {
-            "20261101": [3, 1, 1, 1, 3, 2, 9],
-            "20261102": [1] * 7,
+        assert await reader.days(["H1", "H2"], ["202611"]) == {
+            "H1": {"20261101": [3, 1, 1, 1, 3, 2, 9], "20261102": [1] * 7}
         }
         months = await reader.months(["H1", "H2"], ["202611", "202612"])
         assert months == {"H1": [5, 3, 3, 3, 5, 4, 11]}
