@@ -1,7 +1,9 @@
-"""The inspectors' case list over HTTP (`/v1/cases`): list, one case, moves, bulk moves,
-assignment. Inspector tokens only, each within its region scope (a case's region is its
-institution's, from the registry); the store and the workflow are `cases/`, enforced by the
-database. Without `DATABASE_URL` the routes answer 503 and say so.
+"""The inspectors' side over HTTP: the case list (`/v1/cases`: list, one case, moves, bulk
+moves, assignment), institution profiles (`/v1/institutions/{id}`) and the monthly supervision
+report (`/v1/reports/supervision`). Inspector tokens, each within its region scope (a case's
+region is its institution's, from the registry); an institution token reads its own profile
+only. The store and the workflow are `cases/`, enforced by the database; profiles and reports
+are `supervision/`. Without `DATABASE_URL` the routes answer 503 and say so.
 
 (No `from __future__ import annotations`: the routes are made inside `register`, and FastAPI
 must see their `Depends(grant_of)` as objects, not as names to look up in the module.)"""
@@ -18,8 +20,14 @@ from redis.exceptions import RedisError
 
 from api.auth import INSTITUTION, Grant
 from cases import workflow
-from cases.store import CaseError, CaseFilter, CaseStore
+from cases.store import CaseError, CaseFilter, CaseStore, Deadlines
 from detectors.catalog import region_scope
+from streams.redis_state import ActivityReader
+from streams.settings import Settings
+from supervision.figures import Period, PeriodError
+from supervision.profile import institution_profile
+from supervision.report import report_csv, supervision_report
+from topics import names
 
 Status = Literal["new", "seen", "investigating", "escalated", "closed"]
 Closure = Literal[
@@ -116,6 +124,60 @@ class BulkResult(BaseModel):
 class Assignment(BaseModel):
     assignee: str | None
     version: int | None = None
+
+
+class RiskFactor(BaseModel):
+    factor: str
+    value: Any
+    points: float
+    max: float
+    explanation: str
+
+
+class Risk(BaseModel):
+    score: float = Field(description="0-100: the sum of the factors (supervision/risk.py)")
+    grade: Literal["low", "medium", "high"]
+    factors: list[RiskFactor]
+    rank_in_region: int
+    institutions_in_region: int
+    formula: str
+
+
+class InstitutionProfile(BaseModel):
+    institution: str
+    name: str | None
+    kind: str | None
+    region: str | None
+    registered: bool
+    period: dict[str, str]
+    activity: dict[str, float | None] = Field(
+        description="counted by the stream: events, settlements, required_lines, "
+        "scanned_lines, packs, codes, scans, scan_rate, code_collection_rate"
+    )
+    alerts: dict[str, Any]
+    confirmed_cases: int
+    oversold_units: float
+    open_cases: dict[str, Any]
+    resolution: dict[str, Any]
+    risk: Risk
+    prices: list[dict[str, Any]]
+    daily: list[dict[str, Any]]
+
+
+class SupervisionReport(BaseModel):
+    region: str
+    scope: str
+    month: str
+    period: dict[str, str]
+    generated_at: str
+    deadline_days: int
+    kinds: list[dict[str, Any]]
+    total: dict[str, Any]
+    rules: list[dict[str, Any]]
+    overdue: list[dict[str, Any]]
+    top_risk: list[dict[str, Any]]
+    prices: list[dict[str, Any]]
+    regions: list[dict[str, Any]] | None = None
 
 
 def register(
@@ -298,3 +360,105 @@ def register(
             )
         )
         return respond(row)
+
+    settings = Settings()
+    deadlines = Deadlines.parse(settings.lead_deadline_days, settings.lead_deadlines)
+
+    def reader_of(request: Request) -> ActivityReader:
+        svc = request.app.state.services
+        return ActivityReader(svc.redis, svc.prefix, names.EVENTS.partitions)
+
+    async def sourced(call: Awaitable[Any]) -> Any:
+        try:
+            return await guarded(call)
+        except RedisError:
+            raise unavailable("Redis") from None
+
+    @app.get(
+        "/v1/institutions/{institution}",
+        response_model=InstitutionProfile,
+        responses={**responses, 422: errors[403]},
+        summary="An institution's profile and risk score over a period (信用画像)",
+        tags=["supervision"],
+    )
+    async def get_institution(
+        institution: str,
+        request: Request,
+        grant: Annotated[Grant, Depends(grant_of)],
+        since: Annotated[str | None, Query(description="first day, YYYY-MM-DD")] = None,
+        until: Annotated[
+            str | None, Query(description="last day, YYYY-MM-DD; default today")
+        ] = None,
+    ) -> Response:
+        """Events, scan and code collection rates, alerts per 10,000 scans by rule, confirmed
+        and open cases, oversold units, prices against the region's, and the risk score with
+        the factors that make it up and its rank in the institution's region. Default period:
+        the last 30 days. An institution token reads its own; an inspector those of its
+        region scope."""
+        try:
+            period = Period.days(since, until, datetime.date.today())
+        except PeriodError as exc:
+            raise error(422, "bad_period", str(exc)) from None
+        store = store_of(request)
+        registry = request.app.state.services.registry
+        if grant.role == INSTITUTION:
+            if institution != grant.institution:
+                raise error(
+                    403, "forbidden_institution", f"this token reads {grant.institution!r} only"
+                )
+        else:
+            scope = inspector(grant)
+            entry = await sourced(registry.get(institution))
+            if entry is None or not entry.region.startswith(scope):
+                raise error(
+                    404, "not_found", f"no institution {institution!r} in this token's scope"
+                )
+        profile = await sourced(
+            institution_profile(institution, period, reader_of(request), registry, store, deadlines)
+        )
+        return respond(profile)
+
+    @app.get(
+        "/v1/reports/supervision",
+        response_model=SupervisionReport,
+        responses={
+            **responses,
+            200: {
+                "content": {"text/csv": {"schema": {"type": "string"}}},
+                "description": "the report (JSON), or its main table (format=csv)",
+            },
+        },
+        summary="The monthly supervision report of a region",
+        tags=["supervision"],
+    )
+    async def get_report(
+        request: Request,
+        grant: Annotated[Grant, Depends(grant_of)],
+        region: Annotated[str, Query(pattern=r"^[0-9]{6}$", description="6-digit region code")],
+        month: Annotated[str, Query(pattern=r"^[0-9]{4}-[0-9]{2}$", description="YYYY-MM")],
+        by_region: bool = False,
+        format: Literal["json", "csv"] = "json",
+    ) -> Response:
+        """Institutions by kind (active, with alerts, with confirmed problems), cases opened,
+        closed and still open, by rule, leads past the deadline, the institutions ranked by
+        risk score, the price spread per product; `by_region`: a row per region code too.
+        Inspectors only, for a region within their scope."""
+        within(inspector(grant), region)
+        try:
+            Period.month(month)
+        except PeriodError as exc:
+            raise error(422, "bad_period", str(exc)) from None
+        report = await sourced(
+            supervision_report(
+                region,
+                month,
+                reader_of(request),
+                request.app.state.services.registry,
+                store_of(request),
+                deadlines,
+                by_region,
+            )
+        )
+        if format == "csv":
+            return Response(report_csv(report), media_type="text/csv; charset=utf-8")
+        return respond(report)

@@ -84,3 +84,67 @@ def test_the_openapi_document_lists_the_case_routes(api: Api) -> None:
     with api.client() as anyone:
         paths = anyone.get("/openapi.json").json()["paths"]
     assert {"/v1/cases", "/v1/cases/{alert_id}", "/v1/cases/transitions"} <= set(paths)
+
+
+def test_profiles_and_reports_over_http_within_scope(
+    svc: Services, api_with_cases: tuple[Api, str]
+) -> None:
+    import asyncio
+
+    from detectors.activity import ActivityBatch
+    from detectors.pipeline import partition_of
+    from streams.redis_state import IngestStore, connect
+    from topics import names
+
+    api, url = api_with_cases
+    batch = ActivityBatch()
+    batch.days[("P1", "20261103")] = [10, 8, 8, 6, 9, 7, 40]  # FIELDS order
+
+    async def save() -> None:
+        client = connect(svc.redis_url)
+        try:
+            store = IngestStore(client, api.prefix, days=7)
+            await store.save(
+                partition_of("P1", names.EVENTS.partitions), {}, {}, [], activity=batch
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(save())
+    record(
+        url,
+        alert(
+            60,
+            rule="NO_CODE",
+            occurred_at="2026-11-03T09:00:00+08:00",
+            detected_at="2026-11-03T09:00:01+08:00",
+        ),
+        region="330102",
+    )
+    period = {"since": "2026-11-01", "until": "2026-11-30"}
+    with (
+        api.client("zhejiang") as zj,
+        api.client("beijing") as bj,
+        api.client("P1") as p1,
+        api.client("P2") as p2,
+    ):
+        profile = zj.get("/v1/institutions/P1", params=period)
+        assert profile.status_code == 200, profile.text
+        body = profile.json()
+        assert body["activity"]["events"] == 10 and body["activity"]["scan_rate"] == 0.75
+        assert body["alerts"]["by_rule"]["NO_CODE"]["alerts"] == 1
+        assert body["risk"]["factors"][0]["factor"] == "confirmed_cases"
+        assert p1.get("/v1/institutions/P1", params=period).json()["activity"]["scans"] == 40
+        assert p2.get("/v1/institutions/P1").status_code == 403
+        assert bj.get("/v1/institutions/P1").status_code == 404
+        bad = zj.get("/v1/institutions/P1", params={"since": "2026-11-31"})
+        assert bad.status_code == 422
+        query = {"region": "330100", "month": "2026-11"}
+        report = zj.get("/v1/reports/supervision", params=query)
+        assert report.status_code == 200, report.text
+        assert report.json()["total"]["events"] == 10
+        as_csv = zj.get("/v1/reports/supervision", params={**query, "format": "csv"})
+        assert as_csv.headers["content-type"].startswith("text/csv")
+        assert as_csv.text.splitlines()[0].startswith("kind,institutions,active")
+        assert bj.get("/v1/reports/supervision", params=query).status_code == 403
+        assert p1.get("/v1/reports/supervision", params=query).status_code == 403
