@@ -243,10 +243,42 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     # Repeats of one alert carry one id; the standing alerts are exactly replay's, so no NO_CODE
     # was lost and no legacy stock drawn down twice.
     assert standing(_distinct(got)) == standing(expected)
+    # the institutions' counted days (their profiles) hold every event once: the batch the
+    # kill interrupted counted nothing, and its redelivery counted once
+    counting = Pipeline(load_catalog(pipe.data["catalog"]), track_activity=True)
+    replay(pipe.data, counting)
+    assert counting.activity is not None and counting.activity.days
+    want = {k: list(v) for k, v in counting.activity.days.items()}
+    assert _eventually(lambda: _activity(svc.redis_url, redis_prefix), want) == want
     _, in_topic_order, _ = replay(
         pipe.data, lines=topic_order(svc.kafka_bootstrap, pipe.topic("events"))
     )
     assert_same_verdicts(got_verdicts, in_topic_order)
+
+
+def _activity(redis_url: str, prefix: str) -> dict[tuple[str, str], list[int]]:
+    """Every institution's counted days under a prefix (`detectors.activity`)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    days: dict[tuple[str, str], list[int]] = {}
+    for key in client.scan_iter(match=f"{prefix}:{{E*}}:act:*", count=1000):
+        _, _, month, inst = str(key).rsplit(":", 3)
+        for day, text in client.hgetall(key).items():
+            if day != "m":
+                days[(inst, month + str(day))] = [int(x) for x in str(text).split(",")]
+    return days
+
+
+def _eventually(read: Callable[[], Any], want: Any, timeout: float = 20.0) -> Any:
+    """`read()` once it equals `want` (the last batch's save may trail its outputs), or the
+    last value read when `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    got = read()
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = read()
+    return got
 
 
 def _stage_states(redis_url: str, prefix: str, tag: str, codec: Any) -> dict[str, Any]:
@@ -292,6 +324,8 @@ def test_rebuild_recreates_the_workers_state_from_the_input_topic(
         live = _stage_states(svc.redis_url, redis_prefix, tag, codec)
         rebuilt = _stage_states(svc.redis_url, rebuilt_prefix, tag, codec)
         assert live and rebuilt == live, tag
+    live_days = _activity(svc.redis_url, redis_prefix)
+    assert live_days and _activity(svc.redis_url, rebuilt_prefix) == live_days
     again = subprocess.run(
         [sys.executable, "-m", "cli", "rebuild"], env=env, cwd=ROOT, capture_output=True
     )
