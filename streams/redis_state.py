@@ -18,8 +18,8 @@ Cluster slot):
     {prefix}:{E<p>}:tops           hash: lane -> the two latest [own time, institution]
     {prefix}:{E<p>}:pos            the offset after the last input message whose effects are saved
     {prefix}:{E<p>}:count:<day>    hash: institution -> events accepted that day (the quota)
-    {prefix}:{E<p>}:act:<YYYYMM>:<institution>    hash: `DD` and `m` (the month) -> the day's
-                                   counters (`detectors.activity.FIELDS`, comma-joined)
+    {prefix}:{E<p>}:act:<YYYYMM>:<institution>    hash: `DD` -> the day's counters
+                                   (`detectors.activity.FIELDS`, comma-joined)
     {prefix}:{E<p>}:price:<YYYYMM>:<institution>  hash: product -> "lines,low,high,total" fen
 
 A batch costs two round trips per stage partition: `load` (states + which records are already
@@ -369,27 +369,27 @@ n = tonumber(ARGV[at])
 for i = 1, n do redis.call('HINCRBY', KEYS[7], ARGV[at + 2 * i - 1], ARGV[at + 2 * i]) end
 if n > 0 then redis.call('EXPIRE', KEYS[7], 2 * 86400) end
 at = at + 2 * n + 1
--- activity: (key, day, counts) triples; each adds to its day and to the month ('m')
+-- activity: (key, day, counts) triples, each added to its day; the key's TTL is renewed when
+-- a day is new (once per institution and day, not per batch)
 local activity_ttl = ARGV[at]
 at = at + 1
 n = tonumber(ARGV[at])
-local function add_counts(key, field, counts)
-  local old = redis.call('HGET', key, field)
-  if not old then redis.call('HSET', key, field, counts) return end
-  local sums, i = {}, 0
-  for x in string.gmatch(old, '[^,]+') do sums[#sums + 1] = tonumber(x) end
-  for x in string.gmatch(counts, '[^,]+') do
-    i = i + 1
-    sums[i] = string.format('%d', (sums[i] or 0) + tonumber(x))
-  end
-  for j = i + 1, #sums do sums[j] = string.format('%d', sums[j]) end
-  redis.call('HSET', key, field, table.concat(sums, ','))
-end
 for i = 1, n do
-  local key = ARGV[at + 3 * i - 2]
-  add_counts(key, ARGV[at + 3 * i - 1], ARGV[at + 3 * i])
-  add_counts(key, 'm', ARGV[at + 3 * i])
-  redis.call('EXPIRE', key, activity_ttl)
+  local key, field, counts = ARGV[at + 3 * i - 2], ARGV[at + 3 * i - 1], ARGV[at + 3 * i]
+  local old = redis.call('HGET', key, field)
+  if not old then
+    redis.call('HSET', key, field, counts)
+    redis.call('EXPIRE', key, activity_ttl)
+  else
+    local sums, j = {}, 0
+    for x in string.gmatch(old, '[^,]+') do sums[#sums + 1] = tonumber(x) end
+    for x in string.gmatch(counts, '[^,]+') do
+      j = j + 1
+      sums[j] = (sums[j] or 0) + tonumber(x)
+    end
+    for k = 1, #sums do sums[k] = string.format('%d', sums[k]) end
+    redis.call('HSET', key, field, table.concat(sums, ','))
+  end
 end
 at = at + 3 * n + 1
 -- prices: (key, product, "lines,low,high,total") triples, merged
@@ -405,7 +405,7 @@ for i = 1, n do
     new = {was[1] + new[1], math.min(was[2], new[2]), math.max(was[3], new[3]), was[4] + new[4]}
   end
   redis.call('HSET', key, product, string.format('%d,%d,%d,%d', new[1], new[2], new[3], new[4]))
-  redis.call('EXPIRE', key, activity_ttl)
+  if not old then redis.call('EXPIRE', key, activity_ttl) end
 end
 at = at + 3 * n
 if #ARGV > at then bulk('HSET', KEYS[5], slice(at, #ARGV - at), 2) end
@@ -744,29 +744,20 @@ class ActivityReader:
             for month in months:
                 for day, text in next(replies).items():
                     name = day.decode() if isinstance(day, bytes) else str(day)
-                    if name != "m":
-                        out.setdefault(inst, {})[month + name] = _counters(text)
+                    out.setdefault(inst, {})[month + name] = _counters(text)
         return out
 
     async def months(
         self, institutions: Sequence[str], months: Sequence[str]
     ) -> dict[str, list[int]]:
         """Per institution, its counters summed over `months` (absent: nothing counted)."""
-        pipe = self._client.pipeline(transaction=False)
-        for inst in institutions:
-            for month in months:
-                pipe.hget(self._key("act", month, inst), "m")
-        replies = iter(await pipe.execute())
         out: dict[str, list[int]] = {}
-        for inst in institutions:
-            for _month in months:
-                text = next(replies)
-                if text is None:
-                    continue
-                counts = _counters(text)
-                held = out.setdefault(inst, [0] * len(ACTIVITY_FIELDS))
+        for inst, days in (await self.days(institutions, months)).items():
+            sums = [0] * len(ACTIVITY_FIELDS)
+            for counts in days.values():
                 for i, n in enumerate(counts):
-                    held[i] += n
+                    sums[i] += n
+            out[inst] = sums
         return out
 
     async def prices(

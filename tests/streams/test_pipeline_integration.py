@@ -265,8 +265,7 @@ def _activity(redis_url: str, prefix: str) -> dict[tuple[str, str], list[int]]:
     for key in client.scan_iter(match=f"{prefix}:{{E*}}:act:*", count=1000):
         _, _, month, inst = str(key).rsplit(":", 3)
         for day, text in client.hgetall(key).items():
-            if day != "m":
-                days[(inst, month + str(day))] = [int(x) for x in str(text).split(",")]
+            days[(inst, month + str(day))] = [int(x) for x in str(text).split(",")]
     return days
 
 
