@@ -399,7 +399,6 @@ def register(
             period = Period.days(since, until, datetime.date.today())
         except PeriodError as exc:
             raise error(422, "bad_period", str(exc)) from None
-        store = store_of(request)
         registry = request.app.state.services.registry
         if grant.role == INSTITUTION:
             if institution != grant.institution:
@@ -413,6 +412,7 @@ def register(
                 raise error(
                     404, "not_found", f"no institution {institution!r} in this token's scope"
                 )
+        store = store_of(request)  # after the grant: a stranger learns nothing, not even 503
         profile = await sourced(
             institution_profile(institution, period, reader_of(request), registry, store, deadlines)
         )

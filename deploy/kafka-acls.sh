@@ -7,13 +7,14 @@
 #   worker     - reads the input, reads and writes the internal topics, writes the outputs;
 #                explicitly DENIED writing the input (a compromised worker cannot forge events)
 #   inspector  - reads alerts and verdicts
+#   sink       - reads the alerts topic into the case store, in its own consumer group
 #   operator   - super user: `tracewatch topics`, `catalog`, `rebuild`
 set -euo pipefail
 BIN=/opt/kafka/bin
 ADMIN=(--bootstrap-server 127.0.0.1:9094)
 P=${TRACEWATCH_TOPIC_PREFIX:-tracewatch}
 
-for user in gateway worker inspector operator; do
+for user in gateway worker inspector operator sink; do
   var="KAFKA_PASSWORD_${user^^}"
   "$BIN/kafka-configs.sh" "${ADMIN[@]}" --alter --entity-type users --entity-name "$user" \
     --add-config "SCRAM-SHA-512=[iterations=8192,password=${!var:?set $var}]"
@@ -34,4 +35,6 @@ for t in alerts verdicts; do
 done
 acl --allow-principal User:inspector --operation Read --resource-pattern-type prefixed \
   --group "tracewatch-cli-"
+acl --allow-principal User:sink --operation Read --operation Describe --topic "$P-alerts"
+acl --allow-principal User:sink --operation Read --group "$P-worker-cases-sink"
 echo "tracewatch ACLs in place"

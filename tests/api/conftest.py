@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.services import Services, free_port, pipeline_env, stop_process
+from harness.services import Services, free_port, fresh_database, pipeline_env, stop_process
 from tests.conftest import CATALOG_LINES, ROOT
 
 INSTITUTIONS = [
@@ -69,6 +69,16 @@ def start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
 def api(svc: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     with api_on(svc, tmp_path_factory.mktemp("api")) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def api_with_cases(
+    svc: Services, tmp_path_factory: pytest.TempPathFactory, postgres_url: str
+) -> Iterator[tuple[Api, str]]:
+    """An API with its case store: a database of its own, which the API migrates at start."""
+    url = fresh_database(postgres_url, f"twapi_{uuid.uuid4().hex[:10]}")
+    with api_on(svc, tmp_path_factory.mktemp("cases"), DATABASE_URL=url) as api:
+        yield api, url
 
 
 @contextlib.contextmanager

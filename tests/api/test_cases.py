@@ -3,25 +3,13 @@ PostgreSQL, cases recorded as the sink records them; inspectors within their reg
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import pytest
 
-from harness.services import Services, fresh_database
-from tests.api.conftest import Api, api_on
+from harness.services import Services
+from tests.api.conftest import Api
 from tests.cases.conftest import alert, record
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def api_with_cases(
-    svc: Services, tmp_path_factory: pytest.TempPathFactory, postgres_url: str
-) -> Iterator[tuple[Api, str]]:
-    url = fresh_database(postgres_url, f"twapi_{uuid.uuid4().hex[:10]}")
-    with api_on(svc, tmp_path_factory.mktemp("cases"), DATABASE_URL=url) as api:
-        yield api, url  # the API migrated the database at start
 
 
 def test_inspectors_list_read_and_move_cases_of_their_region(

@@ -26,8 +26,17 @@ from tests.conftest import ROOT
 
 DEPLOY = Path(ROOT) / "deploy"
 # the packages whose source holds the environment variables the processes read
-SOURCE_PACKAGES = ("topics", "detectors", "streams", "api", "cli", "harness")
-TRACEWATCH_SERVICES = ("topics", "catalog", "worker", "api")
+SOURCE_PACKAGES = (
+    "topics",
+    "detectors",
+    "streams",
+    "api",
+    "cli",
+    "cases",
+    "supervision",
+    "harness",
+)
+TRACEWATCH_SERVICES = ("topics", "catalog", "worker", "api", "sink")
 
 
 def cli_commands() -> set[str]:
@@ -354,7 +363,13 @@ def _compose_config(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-PASSWORDS = {f"KAFKA_PASSWORD_{who}": "x" for who in ("GATEWAY", "WORKER", "INSPECTOR", "OPERATOR")}
+PASSWORDS = {
+    **{
+        f"KAFKA_PASSWORD_{who}": "x"
+        for who in ("GATEWAY", "WORKER", "INSPECTOR", "OPERATOR", "SINK")
+    },
+    "POSTGRES_PASSWORD": "x",
+}
 
 
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
@@ -369,3 +384,27 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     copy.write_text(yaml.safe_dump(broken))
     refused = _compose_config(copy, **PASSWORDS)
     assert refused.returncode != 0 and "restart_policy" in refused.stderr, refused.stderr
+
+
+def test_the_case_store_and_its_sink_are_wired() -> None:
+    services = _services()
+    sink, api = services["sink"], services["api"]
+    assert sink["command"] == ["tracewatch", "sink"]
+    assert sink["environment"]["KAFKA_SASL_USERNAME"] == "sink"
+    for service in (sink, api):
+        url = interpolate(service["environment"]["DATABASE_URL"])
+        assert url.startswith("postgresql://") and "@postgres:5432/" in url
+        assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    postgres = services["postgres"]
+    assert _mounts(postgres)["/var/lib/postgresql/data"] == "postgres-data"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    # the sink's principal may read the alerts topic in the group the sink joins
+    acls = (DEPLOY / "kafka-acls.sh").read_text()
+    sink_source = (Path(ROOT) / "cases" / "sink.py").read_text()
+    assert '"group.id": f"{names.APP_ID}-cases-sink"' in sink_source
+    assert '--group "$P-worker-cases-sink"' in acls  # APP_ID is "<prefix>-worker"
+    assert "for user in gateway worker inspector operator sink" in acls
+    port = sink["environment"]["TRACEWATCH_SINK_METRICS_PORT"]
+    assert port in " ".join(sink["healthcheck"]["test"])
+    scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert f'names: ["sink"]\n        type: A\n        port: {port}' in scrape

@@ -23,7 +23,13 @@ K8S = Path(ROOT) / "deploy" / "k8s"
 # an older release still common on managed clusters, and the newest schemas the package has
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 WORKLOADS = ("Deployment", "Job")
-PRINCIPALS = {"worker": "worker", "api": "gateway", "topics": "operator", "catalog": "operator"}
+PRINCIPALS = {
+    "worker": "worker",
+    "api": "gateway",
+    "topics": "operator",
+    "catalog": "operator",
+    "sink": "sink",
+}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
@@ -137,7 +143,7 @@ def test_workloads_run_commands_that_exist_from_the_one_image() -> None:
             assert command[1] == component, f"{component} runs {command}"
         for container in pod["containers"] + pod.get("initContainers", []):
             assert container["image"].split(":")[0] in images, container["image"]
-    assert components == {"worker", "api", "topics", "catalog"}
+    assert components == {"worker", "api", "topics", "catalog", "sink"}
 
 
 def test_pods_run_as_the_user_the_image_declares() -> None:
@@ -163,7 +169,11 @@ def test_each_workload_authenticates_as_its_own_principal() -> None:
     for obj in _objects():
         if obj["kind"] == "Secret":
             assert set(obj.get("data", {})) == set(), "no base64 data: stringData placeholders"
-            assert obj["stringData"]["KAFKA_SASL_PASSWORD"] == "REPLACE-ME"
+            secret = obj["stringData"]
+            if "DATABASE_URL" in secret:
+                assert ":REPLACE-ME@" in secret["DATABASE_URL"]
+            else:
+                assert secret["KAFKA_SASL_PASSWORD"] == "REPLACE-ME"
 
 
 def test_referenced_configmaps_and_secrets_exist() -> None:
@@ -342,3 +352,18 @@ def test_pods_wait_for_the_key_the_catalog_publish_writes(
     with pytest.raises(TimeoutError):
         exec(compile(script, f"{name} wait-for-catalog", "exec"), {})
     assert empty.asked == [published]
+
+
+def test_the_sink_and_the_api_reach_the_case_store() -> None:
+    sink = _one("Deployment", "tracewatch-sink")
+    assert sink["spec"]["replicas"] == 1 and sink["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = _pod(sink)["containers"]
+    assert container["command"] == ["tracewatch", "sink"]
+    port = int(_config()["TRACEWATCH_SINK_METRICS_PORT"])
+    assert _ports(container)["metrics"] == port
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert int(sink["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == port
+    for name in ("tracewatch-sink", "tracewatch-api"):
+        (main,) = _pod(_one("Deployment", name))["containers"]
+        [ref] = [e["valueFrom"]["secretKeyRef"] for e in main["env"] if e["name"] == "DATABASE_URL"]
+        assert "DATABASE_URL" in _one("Secret", ref["name"])["stringData"], name
