@@ -43,6 +43,7 @@ all). Either way the dispense counts in the ledger: the drug left the shelf.
 from __future__ import annotations
 
 from bisect import insort
+from itertools import islice
 from typing import Any
 
 from detectors.alerts import local_iso, make_alert, withdrawal
@@ -248,10 +249,16 @@ class LedgerStage(BaseStage):
         totals = dict(entry.get("tot", {}))
         last = entry.get("cnt")
         due: float | None = None
-        for e in history:
-            ripe = e[TS] + self.grace <= now
-            if not ripe and (due is None or e[TS] + self.grace < due):
-                due = e[TS] + self.grace
+        grace = self.grace
+        for at, e in enumerate(history):
+            ripe = e[TS] + grace <= now
+            if not ripe and due is None:
+                # the first open record (the history is in time order): the earliest due, and
+                # every later one is open too - nothing to judge there unless one of them still
+                # has a rule standing from an earlier, later-reaching time (then walk on)
+                due = e[TS] + grace
+                if not any(later[STANDING] for later in islice(history, at, None)):
+                    break
             before = stock
             letters = ""
             if e[KIND] == COUNT:

@@ -22,10 +22,9 @@ from detectors.code_state import CodeStage
 from detectors.event_time import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_IDLE_SECONDS,
+    EffectiveMarks,
     LaneClock,
     TimeFrame,
-    Watermarks,
-    effective_marks,
 )
 from detectors.ledger import LedgerStage
 from detectors.routing import IngestView, Routed, route
@@ -65,18 +64,25 @@ def expected_parts(
 
 
 class MemoryStage:
-    """A stage with its state, applied ids and parked checks in memory: replay's store."""
+    """A stage with its state, applied ids and parked checks in memory: replay's store.
 
-    def __init__(self, stage: Stage, track_applied: bool = False) -> None:
+    `marks`: the lanes' effective times, shared with the pipeline, which updates them in place
+    and names the lanes that moved on each `apply`."""
+
+    def __init__(
+        self, stage: Stage, track_applied: bool = False, marks: dict[int, float] | None = None
+    ) -> None:
         self.stage = stage
         self.state: dict[str, State] = {}
         self.applied: set[str] = set()
         # key -> ids applied to it, kept only for `tracewatch rebuild` (it writes them out)
         self.applied_by_key: dict[str, list[str]] | None = {} if track_applied else None
-        self.watermarks: dict[int, float] = {}
-        self.frame = TimeFrame({})
+        self.frame = TimeFrame({} if marks is None else marks)
         # per watermark lane, a heap of (due, key); stale entries are skipped when popped
         self._due: dict[int, list[tuple[float, str]]] = {}
+        # key -> the (due, lane) it is in a heap for: a key touched again with the same due is
+        # not pushed again (most records leave it as it was)
+        self._parked: dict[str, tuple[float, int]] = {}
         # lanes to look at on the next apply: their heap got an entry, or their time moved
         self._dirty: set[int] = set()
 
@@ -84,21 +90,23 @@ class MemoryStage:
         state = self.state.get(key)
         due = due_of(state)
         lane = due_lane(state)
-        if due is not None and lane is not None:
-            heapq.heappush(self._due.setdefault(lane, []), (due, key))
-            self._dirty.add(lane)
+        if due is None or lane is None:
+            self._parked.pop(key, None)
+            return
+        if self._parked.get(key) == (due, lane):
+            return
+        self._parked[key] = (due, lane)
+        heapq.heappush(self._due.setdefault(lane, []), (due, key))
+        self._dirty.add(lane)
 
     def apply(
-        self, records: list[Record], out: StageOutput, watermarks: Watermarks | None = None
+        self, records: list[Record], out: StageOutput, moved: list[int] | None = None
     ) -> None:
-        """`watermarks`: the lanes' effective times now (`effective_marks`)."""
-        if watermarks is not None and watermarks != self.watermarks:
-            previous = self.watermarks
-            self.watermarks = dict(watermarks)
-            self.frame = TimeFrame(self.watermarks)
-            self._dirty.update(
-                lane for lane, mark in self.watermarks.items() if previous.get(lane) != mark
-            )
+        """`moved`: the lanes whose effective time changed since the last call."""
+        if moved:
+            self._dirty.update(moved)
+        elif not records and not self._dirty:
+            return
         touched: set[str] = set()
         if records:
             new_ids = apply_records(self.stage, records, self.state, self.applied, out, self.frame)
@@ -120,11 +128,12 @@ class MemoryStage:
             mark = frame.at(lane)
             while heap and heap[0][0] <= mark:
                 due, key = heapq.heappop(heap)
-                state = self.state.get(key)
-                if due_of(state) == due and due_lane(state) == lane:
+                if self._parked.get(key) == (due, lane):
+                    del self._parked[key]  # fired below; parked again if it stays due
                     ready.append(key)
         if ready:
-            for key in fire_due(self.stage, ready, self.state, frame, out):
+            fire_due(self.stage, ready, self.state, frame, out)
+            for key in ready:
                 self._park(key)
             touched.update(ready)
         for key in touched:
@@ -152,8 +161,9 @@ class Pipeline:
         self.view = IngestView()
         self.clock = LaneClock()
         self.idle = idle_seconds
-        self.ledger = MemoryStage(LedgerStage(grace_seconds), track_applied)
-        self.codes = MemoryStage(CodeStage(grace_seconds), track_applied)
+        self.marks = EffectiveMarks(idle_seconds)
+        self.ledger = MemoryStage(LedgerStage(grace_seconds), track_applied, self.marks.marks)
+        self.codes = MemoryStage(CodeStage(grace_seconds), track_applied, self.marks.marks)
         self.verdicts = MemoryStage(VerdictStage())
 
     def process(self, event: Event) -> tuple[list[Alert], list[dict[str, Any]]]:
@@ -169,7 +179,7 @@ class Pipeline:
         lane = lane_of(event.institution)
         own = self.clock.observe(event.institution, lane, event.occurred_ts)
         routed = route(event, self.catalog, self.view, own)
-        moved = effective_marks(self.clock.tops(), self.idle)
+        moved = self.marks.update(lane, self.clock.top(lane))
         alerts = list(routed.alerts)
         records: list[Record] = []
         for stage, stage_records, part in (

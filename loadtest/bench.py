@@ -7,7 +7,8 @@ One run, one broker, one Redis, the workers - all on the same cores:
     settlement has its verdict (events/s and code scans/s), and its ratio to (a);
 (c) latency from an event's produce to its alert, at half of (b)'s rate (alerts decided on
     arrival; the parked checks wait for event time by design), on a fresh pipeline;
-(d) replay: the detectors in one process, events/s (one core);
+(d) replay: `tracewatch replay` in a child process, events per CPU second (one core), CPU and
+    (valgrind installed) instructions per event, start-up taken off (`loadtest/replay_bench.py`);
 (e) bytes of per-code state at rest (Redis MEMORY USAGE of the code stage's hashes / codes);
 (f) peak RSS of a worker;
 (g) CPU per event during (b), per process kind (workers, Redis, broker; /proc);
@@ -37,7 +38,8 @@ import orjson
 
 from harness.services import stop_process
 from loadtest.generator import START, write_dataset
-from loadtest.run import ROOT, replay_file
+from loadtest.replay_bench import measure as measure_replay
+from loadtest.run import ROOT
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -321,11 +323,12 @@ def run(
     expected_codes = sum(1 for _ in lines) * 2
     results: dict[str, Any] = {"events": len(lines), "scans": scans}
 
-    log("replay: detectors in one process")
-    start = time.perf_counter()
-    replayed = replay_file(data["events"], data["catalog"])
-    results["replay_eps"] = len(lines) / (time.perf_counter() - start)
-    log(f"replay: {results['replay_eps']:,.0f} events/s, {len(replayed)} alerts")
+    log("replay: tracewatch replay in a child process")
+    replay = measure_replay(data["events"], data["catalog"])
+    results["replay_eps"] = replay["replay_eps_per_core"]
+    results["replay_cpu_us"] = replay["replay_cpu_us"]
+    results["replay_instructions"] = replay.get("replay_instructions")
+    log(f"replay: {results['replay_eps']:,.0f} events per CPU second")
 
     with services() as svc:
         prefix = f"twbench{time.time_ns()}"
@@ -530,6 +533,10 @@ def machine() -> str:
     return f"{platform.node()}: {cpus} cores {model}, Python {platform.python_version()}"
 
 
+def _instructions(count: float | None) -> str:
+    return f"{count:,.0f}" if count is not None else "valgrind not installed"
+
+
 def write_results(results: dict[str, Any]) -> str:
     lat = results["latency"]
     api = results["api"]
@@ -548,7 +555,7 @@ produced with linger.ms={results["linger_ms"]} (a gateway batching uploads; see 
 | (a2) peer: confluent-kafka + a dict, one process (`loadtest/peers/dict_peer.py`; resale alerts only, no recoverable state) | {results["peer_eps"]:,.0f} events/s ({results["peer_alerts"]:,} alerts) |
 | (b)/(a2) | {results["peer_ratio"]:.3f} |
 | (c) produce -> alert at half load (fresh pipeline), p50 / p99 | {lat["p50"]:.0f} ms / {lat["p99"]:.0f} ms ({lat["n"]} alerts) |
-| (d) replay, one process | {results["replay_eps"]:,.0f} events/s |
+| (d) replay (`tracewatch replay`), one process: events per CPU second / CPU per event / instructions per event | {results["replay_eps"]:,.0f} events/s / {results["replay_cpu_us"]:.0f} us / {_instructions(results["replay_instructions"])} |
 | (e) per-code state at rest | {results["state_bytes_per_code"]:.1f} B/code ({results["codes"]:,} codes) |
 | (f) peak RSS of a worker | {results["peak_rss_mb"]:.0f} MB |
 | (g) CPU per event during (b): workers / Redis / broker / all | {results["cpu_us_workers"]:.0f} / {results["cpu_us_redis"]:.0f} / {results["cpu_us_broker"]:.0f} / {results["cpu_us_total"]:.0f} us |
