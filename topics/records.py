@@ -163,6 +163,14 @@ def normalise_id(value: Any) -> str | None:
 
 def _str(obj: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
     value = obj.get(name)
+    if (
+        type(value) is str
+        and 0 < len(value) <= BOUNDS.id_chars
+        and value.isprintable()
+        and not value[0].isspace()
+        and not value[-1].isspace()
+    ):
+        return value  # already as `normalise_id` would make it: most ids, checked at C speed
     if value is None or (not required and isinstance(value, str) and not value.strip()):
         if required:
             raise InvalidEvent("missing_field", f"{where}{name} is required")
