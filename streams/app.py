@@ -221,6 +221,7 @@ def build_app(settings: Settings) -> faust.App:
             revoked,
             settings.batch_size,
             settings.batch_within,
+            settings.batch_linger,
         )
 
     def fenced(topic_name: str, owner: StageProcessor) -> tuple[Any, Any]:

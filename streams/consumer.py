@@ -6,7 +6,12 @@ messages in one call for a few microseconds each. Each stage (ingest, ledger, co
 gets its own consumer in its own group (`<app id>-<stage>`), so one stage's rebalance never
 stops another's, and a loop that is strictly sequential:
 
-    consume(n, within)  ->  processor.process(batch)  ->  store the batch's next offsets
+    gather(n, within, linger)  ->  processor.process(batch)  ->  store the batch's next offsets
+
+A batch starts with the first message to arrive (waiting at most `within` for it, then looping)
+and takes what else comes within `linger` after it, up to `n`: an idle stage answers in about
+`linger` instead of a whole window, and under load the batches grow by themselves (what arrives
+while one batch is processed is the next batch).
 
 `consume` blocks, so it runs in a thread of the consumer's own; the processors run on the event
 loop. Offsets are stored only after the batch's outputs were delivered and its state saved, and
@@ -124,6 +129,7 @@ class BatchConsumer:
         revoked: Partitions,
         batch_size: int,
         within: float,
+        linger: float | None = None,
     ) -> None:
         self.stage = stage
         self.topic = topic
@@ -134,6 +140,7 @@ class BatchConsumer:
         self._revoked = revoked
         self._batch_size = batch_size
         self._within = within
+        self._linger = within if linger is None else min(linger, within)
         # replaced, never mutated: read from the event loop while the consumer thread assigns
         self.assignment: frozenset[int] = frozenset()
         self._consumer: Consumer | None = None
@@ -163,9 +170,7 @@ class BatchConsumer:
         )
         try:
             while not self._stopping:
-                raw = await loop.run_in_executor(
-                    self._thread, consumer.consume, self._batch_size, self._within
-                )
+                raw = await loop.run_in_executor(self._thread, self._gather, consumer)
                 batch = self._messages(raw)
                 if not batch:
                     continue
@@ -178,6 +183,15 @@ class BatchConsumer:
                 await asyncio.wait_for(closing, CLOSE_TIMEOUT)
             except TimeoutError:
                 log.warning("%s consumer did not close within %.0f s", self.stage, CLOSE_TIMEOUT)
+
+    def _gather(self, consumer: Consumer) -> list[KafkaMessage]:
+        """On the consumer's thread: the first message (or nothing within `within`), then what
+        else arrives within `linger`. Rebalance callbacks run inside either call, as before:
+        between two batches."""
+        first = consumer.consume(1, self._within)
+        if not first or self._batch_size == 1:
+            return first
+        return first + consumer.consume(self._batch_size - 1, self._linger)
 
     def stop(self) -> None:
         """End `run()` after the batch in flight (at most one `within` of waiting for the next
