@@ -162,8 +162,9 @@ class LedgerStage(BaseStage):
         delta: int,
     ) -> None:
         history: list[list[Any]] = entry.setdefault("h", [])
-        e = self._entry(entry, record, kind, total, delta)
-        insort(history, e, key=lambda e: (e[TS], e[SEQ]))
+        # in (ts, seq) order: entries compare as lists, and `seq` is unique per key, so no
+        # comparison reaches the fields after it
+        insort(history, self._entry(entry, record, kind, total, delta))
 
     def _entry(self, entry: State, record: Record, kind: str, total: str, delta: int) -> list[Any]:
         seq = entry.get("seq", 0) + 1
