@@ -697,7 +697,6 @@ class StageProcessor:
                 # the position moves all the same
                 saves.append((p, {}, [], {}, {}, position, hold))
                 continue
-                continue
             out.alerts(result.alerts)
             out.verdicts(result.verdicts)
             if self._part_prefix is not None:
