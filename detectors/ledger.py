@@ -255,8 +255,9 @@ class LedgerStage(BaseStage):
             ripe = e[TS] + grace <= now
             if not ripe and due is None:
                 # the first open record (the history is in time order): the earliest due, and
-                # every later one is open too - nothing to judge there unless one of them still
-                # has a rule standing from an earlier, later-reaching time (then walk on)
+                # every later one is open too, so nothing there to judge - unless one of them
+                # still holds a rule judged when time stood later than now (then walk on and
+                # withdraw it; while event time only rises this never happens)
                 due = e[TS] + grace
                 if not any(later[STANDING] for later in islice(history, at, None)):
                     break
