@@ -129,7 +129,7 @@ class BatchConsumer:
         revoked: Partitions,
         batch_size: int,
         within: float,
-        linger: float | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.stage = stage
         self.topic = topic
@@ -140,7 +140,7 @@ class BatchConsumer:
         self._revoked = revoked
         self._batch_size = batch_size
         self._within = within
-        self._linger = within if linger is None else min(linger, within)
+        self._linger = linger
         # replaced, never mutated: read from the event loop while the consumer thread assigns
         self.assignment: frozenset[int] = frozenset()
         self._consumer: Consumer | None = None
